@@ -12,6 +12,9 @@ __all__ = ["main"]
 SUBCOMMANDS: dict[str, str] = {
     "train": "service.commands.train",
     "serve": "service.commands.serve",
+    "models": "service.commands.models",
+    "score": "service.commands.score",
+    "sample": "service.commands.sample",
 }
 
 

@@ -1,0 +1,406 @@
+"""What the ``models``, ``score`` and ``sample`` subcommands share.
+
+- the *source* of a model: a running server (``--url``, through :class:`service.client.Client`) or
+  the model repository loaded in this process (``--model-dir``, through
+  :class:`service.inprocess.LocalModel`); both expose the same small interface, :class:`Source`;
+- reading rows from ``.csv`` / ``.npy`` / ``.npz`` files by the model's feature and context names,
+  and writing named columns to ``.csv`` (or stdout), structured ``.npy``, or ``.npz``;
+- one-line errors with exit status 2 (never a traceback) and a progress bar on stderr.
+
+torch is imported only when a model is loaded in process, so ``--url`` calls start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = [
+    "EPILOG_FORMATS",
+    "CommandError",
+    "Source",
+    "add_source_arguments",
+    "chunks",
+    "guarded",
+    "open_source",
+    "parse_context",
+    "progress",
+    "read_rows",
+    "write_columns",
+]
+
+#: exit status of every refused command (as argparse uses for bad arguments)
+USAGE_ERROR = 2
+
+EPILOG_FORMATS = """\
+file formats:
+  .csv  a header row naming the columns; the model's feature names are required (any order),
+        columns named after its context features are read as context, any other column is an error
+  .npy  a 2-D float array (rows x features), or a structured array whose fields are named as in .csv
+  .npz  an array "inputs" (rows x features) and, for conditional models, "context" (rows x context)
+"""
+
+
+class CommandError(Exception):
+    """A refusal to show the user as one line (exit status 2)."""
+
+
+def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the errors a user can cause into ``flowserve CMD: error: ...`` on stderr and exit status 2."""
+    from ..artifact import ArtifactError
+    from ..client import FlowserveError
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        import httpx
+
+        try:
+            return run(args)
+        except FlowserveError as e:
+            where = "; ".join(f"{'.'.join(map(str, err.get('loc', [])))}: {err.get('msg', '')}" for err in e.errors)
+            message = f"server answered {e}" + (f" ({where})" if where else "")
+        except httpx.HTTPError as e:
+            message = f"cannot reach {getattr(args, 'url', None)}: {e or type(e).__name__}"
+        except (CommandError, ArtifactError, ValueError) as e:
+            message = str(e)
+        except OSError as e:
+            message = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+        except KeyboardInterrupt:
+            return 130
+        print(f"flowserve {args.command}: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+
+    return wrapper
+
+
+# -- where the model lives ---------------------------------------------------------------------------
+class Source(Protocol):
+    """A model version to compute with, in process or on a server (results are float64 arrays)."""
+
+    name: str
+    version: int
+    feature_names: list[str]
+    context_names: list[str]
+
+    def score(self, inputs: np.ndarray, context: np.ndarray | None, alpha: float | None) -> dict[str, Any]: ...
+
+    def sample(self, n: int, seed: int | None, temperature: float,
+               context: np.ndarray | None) -> dict[str, np.ndarray]: ...
+
+
+class RemoteModel:
+    """A model on a flowserve server, pinned to one version so that every chunk uses the same one."""
+
+    def __init__(self, client: Any, name: str, version: int | None) -> None:
+        card = client.card(name, version)
+        self.client = client
+        self.name = str(card["name"])
+        self.version = int(card["version"])
+        self.feature_names = list(card["feature_names"])
+        self.context_names = _context_names(card)
+
+    def score(self, inputs: np.ndarray, context: np.ndarray | None, alpha: float | None) -> dict[str, Any]:
+        return self.client.score(self.name, inputs, context=context, alpha=alpha, version=self.version)
+
+    def sample(self, n: int, seed: int | None, temperature: float,
+               context: np.ndarray | None) -> dict[str, np.ndarray]:
+        return self.client.sample(self.name, n, seed=seed, temperature=temperature, context=context,
+                                  return_log_prob=True, version=self.version)
+
+
+def _context_names(card: dict[str, Any]) -> list[str]:
+    for key in ("context_names", "context_features"):
+        value = card.get(key)
+        if isinstance(value, list):
+            return [str(v) for v in value]
+    count = card.get("context_features") or 0
+    return [f"c{i}" for i in range(int(count))]
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, version: bool = True) -> None:
+    """``--url`` / ``--api-key`` (a server) or ``--model-dir`` / ``--device`` (in process), and ``--version``."""
+    group = parser.add_argument_group("where the model is")
+    group.add_argument("--url", default=os.environ.get("FLOWSERVE_URL"),
+                       help="a running flowserve server (default: $FLOWSERVE_URL); without it the model "
+                            "is loaded in this process")
+    group.add_argument("--api-key", default=os.environ.get("FLOWSERVE_API_KEY"),
+                       help="API key for --url (default: $FLOWSERVE_API_KEY)")
+    group.add_argument("--model-dir", type=Path, default=Path(os.environ.get("FLOWSERVE_MODEL_DIR", "models")),
+                       help="model repository when loading in process (default: $FLOWSERVE_MODEL_DIR or ./models)")
+    group.add_argument("--device", default="cpu", help="torch device when loading in process (default: cpu)")
+    if version:
+        group.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
+
+
+def client_for(args: argparse.Namespace) -> Any:
+    from ..client import Client
+
+    return Client(args.url, api_key=args.api_key, timeout=300.0)
+
+
+def open_source(args: argparse.Namespace) -> Source:
+    """The model ``args.model`` at ``args.version`` from ``--url`` or, without it, from ``--model-dir``."""
+    if args.url:
+        return RemoteModel(client_for(args), args.model, args.version)
+    from ..inprocess import LocalModel
+    from ..repository import ModelRepository
+
+    repo = ModelRepository(args.model_dir)
+    if not repo.root.is_dir():
+        raise CommandError(f"no model repository at {args.model_dir} (give --model-dir, or --url for a server)")
+    names = repo.names()
+    if args.model not in names:
+        raise CommandError(f"no model {args.model!r} in {args.model_dir} (it has {names})")
+    return LocalModel(repo.load(args.model, args.version, device=args.device))
+
+
+# -- chunks and progress -----------------------------------------------------------------------------
+def chunks(total: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``range(total)``."""
+    for start in range(0, total, size):
+        yield slice(start, min(total, start + size))
+
+
+def progress(total: int, quiet: bool, unit: str = "rows") -> Any:
+    """A tqdm bar on stderr, shown only on a terminal, after a second, and never with ``--quiet``."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, file=sys.stderr, delay=1.0,
+                disable=quiet or not sys.stderr.isatty(), leave=False)
+
+
+# -- reading rows ------------------------------------------------------------------------------------
+def read_rows(path: Path, feature_names: Sequence[str],
+              context_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows ``(n, D)`` and, where the file names them, context rows ``(n, C)`` from ``path``."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        header, values = _read_csv(path)
+        return _by_name(path, header, values, feature_names, context_names)
+    if suffix == ".npy":
+        arr = _load_npy(path)
+        if arr.dtype.names:
+            values = np.stack([arr[n].astype(np.float64) for n in arr.dtype.names], axis=1) if arr.size else \
+                np.zeros((0, len(arr.dtype.names)))
+            return _by_name(path, list(arr.dtype.names), values, feature_names, context_names)
+        return _matrix(path, arr, len(feature_names), "inputs"), None
+    if suffix == ".npz":
+        with _load_npz(path) as npz:
+            keys = list(npz.files)
+            if "inputs" in keys:
+                inputs = npz["inputs"]
+            elif len(keys) == 1:
+                inputs = npz[keys[0]]
+            else:
+                raise CommandError(f"{path}: expected an array named 'inputs' (found {keys})")
+            context = npz["context"] if "context" in keys else None
+        x = _matrix(path, inputs, len(feature_names), "inputs")
+        c = None if context is None else _matrix(path, context, len(context_names), "context")
+        return x, c
+    raise CommandError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .npy or .npz")
+
+
+def read_context(path: Path, context_names: Sequence[str]) -> np.ndarray:
+    """Context rows ``(n, C)`` (or one row, for every input) from a ``.csv`` / ``.npy`` / ``.npz`` file."""
+    if not context_names:
+        raise CommandError("this model takes no context")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        header, values = _read_csv(path)
+        c, _ = _by_name(path, header, values, context_names, [])
+        return c
+    if suffix == ".npy":
+        arr = _load_npy(path)
+        if arr.dtype.names:
+            values = np.stack([arr[n].astype(np.float64) for n in arr.dtype.names], axis=1)
+            c, _ = _by_name(path, list(arr.dtype.names), values, context_names, [])
+            return c
+        return _matrix(path, arr, len(context_names), "context")
+    if suffix == ".npz":
+        with _load_npz(path) as npz:
+            key = "context" if "context" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
+            if key is None:
+                raise CommandError(f"{path}: expected an array named 'context' (found {list(npz.files)})")
+            return _matrix(path, npz[key], len(context_names), "context")
+    raise CommandError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .npy or .npz")
+
+
+def parse_context(text: str, context_names: Sequence[str]) -> np.ndarray:
+    """One context row from ``"1,0.5"`` (in the model's order) or ``"label=3,dose=0.5"`` (by name)."""
+    if not context_names:
+        raise CommandError("this model takes no context")
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts and all("=" in p for p in parts):
+        given = {}
+        for p in parts:
+            key, _, value = p.partition("=")
+            given[key.strip()] = value.strip()
+        unknown = sorted(set(given) - set(context_names))
+        missing = [n for n in context_names if n not in given]
+        if unknown or missing:
+            raise CommandError(f"--context: unknown {unknown}, missing {missing}; the model's context is {list(context_names)}")
+        parts = [given[n] for n in context_names]
+    if len(parts) != len(context_names):
+        raise CommandError(f"--context: {len(parts)} values for {len(context_names)} context features {list(context_names)}")
+    try:
+        row = np.array([float(p) for p in parts], dtype=np.float64)
+    except ValueError:
+        raise CommandError(f"--context: not numbers: {text!r}") from None
+    if not np.isfinite(row).all():
+        raise CommandError(f"--context: NaN or infinity in {text!r}")
+    return row.reshape(1, -1)
+
+
+def _magic(path: Path, prefix: bytes, kind: str) -> None:
+    with open(path, "rb") as f:
+        if f.read(len(prefix)) != prefix:
+            raise CommandError(f"{path}: not a {kind} file")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    _magic(path, b"\x93NUMPY", ".npy")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle, which is never allowed; or a corrupt file
+        raise CommandError(f"{path}: not a readable .npy file of numbers ({e})") from None
+
+
+def _load_npz(path: Path) -> Any:
+    _magic(path, b"PK", ".npz (zip)")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CommandError(f"{path}: not a readable .npz file ({e})") from None
+    if not hasattr(npz, "files"):
+        raise CommandError(f"{path}: not an .npz archive")
+    return npz
+
+
+def _matrix(path: Path, arr: np.ndarray, width: int, what: str) -> np.ndarray:
+    if arr.dtype.kind not in "biuf":
+        raise CommandError(f"{path}: {what} must be numbers, got dtype {arr.dtype}")
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 1 and width == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2 or arr.shape[1] != width:
+        raise CommandError(f"{path}: {what} must be a 2-D array with {width} columns, got shape {arr.shape}")
+    _check_finite(path, arr, what)
+    return arr
+
+
+def _check_finite(path: Path, arr: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise CommandError(f"{path}: {what} row {row}, column {col} is NaN or infinite")
+
+
+def _read_csv(path: Path) -> tuple[list[str], np.ndarray]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise CommandError(f"{path}: empty file (a header row naming the columns is required)") from None
+        rows: list[list[float]] = []
+        for line, record in enumerate(reader, start=2):
+            if not record:
+                continue
+            if len(record) != len(header):
+                raise CommandError(f"{path}: line {line} has {len(record)} fields, the header has {len(header)}")
+            row = [_number(v) for v in record]
+            if None in row:
+                bad = row.index(None)
+                raise CommandError(f"{path}: line {line}, column {header[bad]!r}: {record[bad]!r} is not a finite number")
+            rows.append(row)
+    values = np.array(rows, dtype=np.float64).reshape(len(rows), len(header))
+    return header, values
+
+
+def _number(v: str) -> float | None:
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _by_name(path: Path, header: list[str], values: np.ndarray, feature_names: Sequence[str],
+             context_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    if len(set(header)) != len(header):
+        raise CommandError(f"{path}: repeated column names in {header}")
+    index = {name: i for i, name in enumerate(header)}
+    missing = [n for n in feature_names if n not in index]
+    unknown = [n for n in header if n not in feature_names and n not in context_names]
+    if missing or unknown:
+        what = []
+        if missing:
+            what.append(f"missing column(s) {missing}")
+        if unknown:
+            what.append(f"unknown column(s) {unknown}")
+        expected = f"the model's features are {list(feature_names)}"
+        if context_names:
+            expected += f" and its context {list(context_names)}"
+        raise CommandError(f"{path}: {', '.join(what)}; {expected}")
+    x = values[:, [index[n] for n in feature_names]]
+    _check_finite(path, x, "inputs")
+    present = [n for n in context_names if n in index]
+    if not present:
+        return x, None
+    if len(present) != len(context_names):
+        absent = [n for n in context_names if n not in index]
+        raise CommandError(f"{path}: context column(s) {absent} missing (has {present})")
+    c = values[:, [index[n] for n in context_names]]
+    _check_finite(path, c, "context")
+    return x, c
+
+
+# -- writing columns ---------------------------------------------------------------------------------
+def write_columns(columns: dict[str, np.ndarray], output: Path | None) -> None:
+    """Write equal-length named columns to ``output`` (``.csv``, ``.npy``, ``.npz``), or as CSV to stdout.
+
+    ``.npy`` holds a structured array with one field per column (float64, or bool for flags), so
+    ``np.load(f)["p_value"]`` works; ``.npz`` holds one array per column.
+    """
+    if output is None:
+        _write_csv(columns, sys.stdout)
+        sys.stdout.flush()
+        return
+    suffix = output.suffix.lower()
+    if suffix == ".csv":
+        with open(output, "w", newline="", encoding="utf-8") as f:
+            _write_csv(columns, f)
+    elif suffix == ".npy":
+        dtype = [(k, v.dtype if v.dtype == np.bool_ else np.float64) for k, v in columns.items()]
+        n = len(next(iter(columns.values())))
+        table = np.empty(n, dtype=dtype)
+        for k, v in columns.items():
+            table[k] = v
+        np.save(output, table, allow_pickle=False)
+    elif suffix == ".npz":
+        np.savez(output, **columns)
+    else:
+        raise CommandError(f"{output}: unsupported output type {suffix or '(none)'!r}; use .csv, .npy or .npz")
+
+
+def _write_csv(columns: dict[str, np.ndarray], f: io.TextIOBase | Any) -> None:
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(list(columns))
+    cells = [_cells(v) for v in columns.values()]
+    writer.writerows(zip(*cells))
+
+
+def _cells(values: np.ndarray) -> list[str]:
+    if values.dtype == np.bool_:
+        return ["true" if v else "false" for v in values.tolist()]
+    return [repr(v) for v in np.asarray(values, dtype=np.float64).tolist()]

@@ -1,0 +1,108 @@
+"""flowserve score FILE --model NAME: anomaly scores of every row of a file.
+
+Writes log_prob, score (= -log_prob), p_value (conformal, against the model's
+calibration set) and is_anomaly (p_value <= alpha) for each row, in the file's row order,
+computed by a running server (--url) or by the model loaded in this process; both give the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .common import (
+    EPILOG_FORMATS,
+    CommandError,
+    add_source_arguments,
+    chunks,
+    guarded,
+    open_source,
+    progress,
+    read_context,
+    read_rows,
+    write_columns,
+)
+
+__all__ = ["add_parser", "run"]
+
+EXAMPLES = """\
+examples:
+  flowserve score points.csv --model moons                       # CSV to stdout, model loaded here
+  flowserve score points.csv --model moons --output scores.csv --alpha 0.05
+  flowserve score x.npy --model moons --url http://127.0.0.1:8000 --output scores.npy
+  flowserve score images.csv --model digits-cond --context-file labels.csv
+
+output: one row per input row, columns log_prob, score, p_value, is_anomaly.
+  .csv (or stdout)  a header row, then floats as Python writes them (exact) and true/false
+  .npy              a structured array with float64 fields log_prob, score, p_value and a
+                    bool field is_anomaly: np.load("scores.npy")["p_value"]
+  .npz              one array per column
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "score", help="anomaly scores (log_prob, score, p_value, is_anomaly) of the rows of a file",
+        description=__doc__.split("\n\n", 1)[1], epilog=EXAMPLES + "\n" + EPILOG_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", type=Path, help="rows to score: .csv, .npy or .npz")
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--context-file", type=Path, default=None,
+                   help="context rows for a conditional model (.csv/.npy/.npz, one row per input row, "
+                        "or one row for all); else context columns of the CSV are used")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="level at which a row is an anomaly, p_value <= alpha (default: the model's, else 0.01)")
+    p.add_argument("--output", "-o", type=Path, default=None, help="OUT.csv, OUT.npy or OUT.npz (default: CSV on stdout)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per request or per pass (default: 4096)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary on stderr")
+    add_source_arguments(p)
+    p.set_defaults(run=run)
+    return p
+
+
+@guarded
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be >= 1")
+    if args.alpha is not None and not 0.0 < args.alpha < 1.0:
+        raise CommandError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if not args.file.is_file():
+        raise CommandError(f"{args.file}: no such file")
+    source = open_source(args)
+    x, context = read_rows(args.file, source.feature_names, source.context_names)
+    if args.context_file is not None:
+        if context is not None:
+            raise CommandError(f"context given twice: by columns of {args.file} and by --context-file")
+        context = read_context(args.context_file, source.context_names)
+        if context.shape[0] == 1:
+            context = np.repeat(context, x.shape[0], axis=0)
+        if context.shape[0] != x.shape[0]:
+            raise CommandError(f"{args.context_file}: {context.shape[0]} context rows for {x.shape[0]} input rows")
+    if source.context_names and context is None:
+        raise CommandError(f"model {source.name!r} is conditional: give its context {source.context_names} "
+                           f"as columns of {args.file.name} or with --context-file")
+    if not source.context_names and context is not None:
+        raise CommandError(f"model {source.name!r} takes no context")
+
+    parts: list[dict] = []
+    with progress(x.shape[0], args.quiet) as bar:
+        for rows in chunks(x.shape[0], args.batch_size):
+            parts.append(source.score(x[rows], None if context is None else context[rows], args.alpha))
+            bar.update(rows.stop - rows.start)
+    columns = {key: _concat([p[key] for p in parts], bool if key == "is_anomaly" else np.float64)
+               for key in ("log_prob", "score", "p_value", "is_anomaly")}
+    write_columns(columns, args.output)
+    if not args.quiet and parts:
+        threshold = parts[0]["threshold"]
+        print(f"{source.name} v{source.version}: {int(columns['is_anomaly'].sum())} of {x.shape[0]} rows are "
+              f"anomalies at alpha={threshold['alpha']} (log_prob below {threshold['log_prob']})", file=sys.stderr)
+    return 0
+
+
+def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype)
