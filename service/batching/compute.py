@@ -1,0 +1,140 @@
+"""One batch on the device, and what to do when it fails.
+
+:func:`run_pass` is the single torch call of a batch: the rows of its segments are copied once
+into one host buffer (pinned when the model is on CUDA) in the model's dtype, moved to the model's
+device once (non-blocking from pinned memory), computed under :func:`torch.inference_mode` (every
+allow-listed flow computes its log-Jacobian analytically, so none needs autograd), packed into one
+``(B, D + k)`` tensor and copied back to the CPU once.
+
+:func:`compute` adds failure isolation. A batch that raises is retried request by request, so only
+the requests whose own rows fail get the error; a CUDA out-of-memory error instead halves the batch
+(by rows, cutting a request if need be) and runs the halves one after the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Pass
+from .jobs import Job, Segment
+
+__all__ = ["run_pass", "compute", "is_out_of_memory", "short_message"]
+
+log = logging.getLogger(__name__)
+
+#: ``torch.cuda.OutOfMemoryError`` where this torch has it (CPU builds do too, but never raise it).
+_OOM: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None))
+    if isinstance(t, type)
+)
+
+Outcome = tuple[Segment, "np.ndarray | Exception"]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device out-of-memory error (then halving the batch may help)."""
+    return bool(_OOM) and isinstance(exc, _OOM)
+
+
+def short_message(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text, at most ``limit`` characters (its type if empty)."""
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _to_device(parts: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Concatenate row blocks into one host tensor of ``dtype`` and move it to ``device`` once."""
+    total = sum(int(p.shape[0]) for p in parts)
+    pinned = device.type == "cuda"
+    host = torch.empty((total, int(parts[0].shape[1])), dtype=dtype, pin_memory=pinned)
+    view = host.numpy()
+    at = 0
+    for part in parts:  # one copy per block, casting to the model's dtype row by row
+        view[at : at + part.shape[0]] = part
+        at += part.shape[0]
+    return host.to(device, non_blocking=pinned)
+
+
+def run_pass(model: Any, pass_: Pass, rows: list[np.ndarray], context: list[np.ndarray] | None) -> np.ndarray:
+    """Run one pass over the concatenated row blocks; return packed CPU columns ``[z|x, scalars...]``.
+
+    For ``ENCODE`` the columns are ``z`` (D), ``log_det``, ``base_log_prob``, ``log_prob``; for
+    ``DECODE`` they are ``x`` (D), ``log_prob``. All in the model's dtype.
+    """
+    device, dtype = torch.device(model.device), model.dtype
+    x = _to_device(rows, device, dtype)
+    c = None if context is None else _to_device(context, device, dtype)
+    b = x.shape[0]
+    with torch.inference_mode():
+        if pass_ is Pass.ENCODE:
+            enc = model.encode(x, c)
+            columns = (enc.z, enc.log_det, enc.base_log_prob, enc.log_prob)
+        else:
+            dec = model.decode(x, c)
+            columns = (dec.x, dec.log_prob)
+        packed = torch.cat([t.reshape(b, -1).to(dtype) for t in columns], dim=1)
+        host = packed.cpu()  # the one device-to-host copy of the batch
+    out = host.numpy()
+    if out.shape != (b, model.features + len(columns) - 1):
+        raise RuntimeError(f"model returned columns of shape {out.shape} for {b} rows")
+    return out
+
+
+def _by_job(segments: list[Segment]) -> list[list[Segment]]:
+    groups: dict[Job, list[Segment]] = {}
+    for segment in segments:
+        groups.setdefault(segment.job, []).append(segment)
+    return list(groups.values())
+
+
+def _halve(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
+    """Split segments into two lists of about half the rows each, cutting one segment if needed."""
+    half = sum(len(s) for s in segments) // 2
+    first: list[Segment] = []
+    at = 0
+    for i, segment in enumerate(segments):
+        if at + len(segment) <= half:
+            first.append(segment)
+            at += len(segment)
+            continue
+        if at == half:
+            return first, segments[i:]
+        left, right = segment.cut(half - at)
+        return first + [left], [right] + segments[i + 1 :]
+    return first, []
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def compute(model: Any, pass_: Pass, segments: list[Segment]) -> list[Outcome]:
+    """Compute a batch; each segment gets its packed rows, or the exception its own rows raised."""
+    try:
+        context = None if segments[0].context is None else [s.context for s in segments]
+        packed = run_pass(model, pass_, [s.rows for s in segments], context)
+    except Exception as exc:  # noqa: BLE001 - any model error is isolated, never fatal
+        if is_out_of_memory(exc):
+            _release_cached_memory()
+            rows = sum(len(s) for s in segments)
+            if rows > 1:
+                log.warning("out of memory on a batch of %d rows; halving it", rows)
+                first, second = _halve(segments)
+                return compute(model, pass_, first) + compute(model, pass_, second)
+        else:
+            groups = _by_job(segments)
+            if len(groups) > 1:
+                return [outcome for group in groups for outcome in compute(model, pass_, group)]
+        return [(segment, exc) for segment in segments]
+    outcomes: list[Outcome] = []
+    at = 0
+    for segment in segments:
+        outcomes.append((segment, packed[at : at + len(segment)]))
+        at += len(segment)
+    return outcomes

@@ -1,0 +1,493 @@
+"""The device worker: one thread that runs every batch of the models on one device.
+
+Requests arrive from the asyncio event loop through :meth:`DeviceWorker.submit`, which puts a job
+at the tail of its (key, pass) queue and awaits an asyncio future. The worker thread (the only
+place torch runs) loops:
+
+1. sleep on a condition variable while every queue is empty (no polling);
+2. pick the queue whose head job arrived first; with ``max_wait_ms > 0`` and a batch that is not
+   yet full, wait until ``arrival + max_wait_ms`` (or the head's deadline) for more rows;
+3. take the queue's jobs in order up to ``max_batch_rows`` rows (continuous batching: whatever
+   piled up while the previous batch ran forms the next one). Jobs whose deadline has passed are
+   answered :class:`DeadlineExceeded` here and never computed; a job too large for the room left is
+   cut, and its remaining rows stay at the head of the queue for the next batch;
+4. compute the batch (:func:`compute.compute`: one torch call, failure isolation, OOM halving);
+5. scatter each segment's rows back to its job and answer finished jobs with
+   ``loop.call_soon_threadsafe`` onto their futures.
+
+The queue is bounded in rows over all queues; a request that would exceed the bound is refused at
+once with :class:`QueueFull` carrying an estimate of when room will be free, from the recent
+throughput (an exponential moving average of rows per second of compute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Hashable
+
+import numpy as np
+import torch
+
+from .compute import compute, short_message
+from .config import BatchingConfig, BatchObserver, Pass
+from .errors import ComputeError, DeadlineExceeded, QueueFull, WorkerStopped
+from .jobs import Job, JobQueue, Segment, assemble, check_rows, empty_result
+
+if TYPE_CHECKING:
+    from ..density import DensityModel
+
+__all__ = ["DeviceWorker"]
+
+log = logging.getLogger(__name__)
+
+#: Bounds on the ``retry_after`` estimate of :class:`QueueFull`, in seconds.
+RETRY_AFTER_BOUNDS = (0.05, 300.0)
+
+
+class _Throughput:
+    """Exponential moving average of rows computed per second (written by the worker thread)."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.rows_per_second: float | None = None
+
+    def update(self, rows: int, seconds: float) -> None:
+        rate = rows / max(seconds, 1e-6)
+        old = self.rows_per_second
+        self.rows_per_second = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
+
+    def seconds_for(self, rows: int) -> float:
+        """Estimated seconds to compute ``rows`` rows (1 s before anything ran)."""
+        low, high = RETRY_AFTER_BOUNDS
+        rate = self.rows_per_second
+        estimate = 1.0 if not rate else rows / rate
+        return min(high, max(low, estimate))
+
+
+@dataclass
+class _Batch:
+    key: Hashable
+    pass_: Pass
+    model: Any
+    segments: list[Segment] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)  # queue waits of the jobs that started here
+
+    @property
+    def rows(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    @property
+    def jobs(self) -> list[Job]:
+        return list(dict.fromkeys(s.job for s in self.segments))
+
+
+_Answer = tuple[Job, "dict[str, np.ndarray] | BaseException"]
+
+
+def _settle(future: asyncio.Future, answer: Any) -> None:
+    """Runs on the job's event loop: resolve its future unless it was cancelled meanwhile."""
+    if future.done():
+        return
+    if isinstance(answer, BaseException):
+        future.set_exception(answer)
+    else:
+        future.set_result(answer)
+
+
+class DeviceWorker:
+    """Batches and runs every pass of the models on one device, in one dedicated thread.
+
+    Arguments:
+        device: the device whose models this worker runs (models are placed there by the caller;
+            the worker moves rows to each model's own ``device``).
+        config: batch size, optional wait and queue bound.
+        observer: metrics hook, see :class:`BatchObserver`.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        config: BatchingConfig = BatchingConfig(),
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._device = torch.device(device)
+        self._config = config
+        self._observer = observer
+        self._cond = threading.Condition()
+        self._queues: dict[tuple[Hashable, Pass], JobQueue] = {}
+        self._queued_rows = 0
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._throughput = _Throughput()
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker thread; from now on :meth:`submit` accepts work. Starts once only."""
+        with self._cond:
+            if self._thread is not None or self._stopping:
+                raise RuntimeError("a DeviceWorker can be started once only")
+            self._thread = threading.Thread(target=self._run, name=f"flowserve-worker-{self._device}", daemon=True)
+            self._accepting = True
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting work at once, then end the thread (blocks until it ends or ``timeout``).
+
+        With ``drain=True`` everything already accepted is computed and answered first. With
+        ``drain=False``, or when ``timeout`` runs out while draining, the requests still waiting are
+        answered :class:`WorkerStopped`; the batch computing at that moment still finishes and
+        answers its requests. From the event loop, call it via ``asyncio.to_thread`` so the loop can
+        keep delivering results while it drains.
+        """
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            answers = [] if drain else self._drop_waiting("the worker stopped before this request ran")
+            self._cond.notify_all()
+        self._deliver(answers)
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            with self._cond:
+                answers = self._drop_waiting("the worker stopped (drain timed out) before this request ran")
+                self._cond.notify_all()
+            self._deliver(answers)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether :meth:`submit` accepts new requests (started and not stopping)."""
+        return self._accepting
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def config(self) -> BatchingConfig:
+        return self._config
+
+    def queued_rows(self) -> int:
+        """Rows waiting in all queues (rows in the batch computing now are not counted)."""
+        return self._queued_rows
+
+    # -- submitting (event loop side) ------------------------------------------------------------
+    async def submit(
+        self,
+        key: Hashable,
+        model: DensityModel,
+        pass_: Pass,
+        rows: np.ndarray,
+        context: np.ndarray | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Queue ``rows`` for one pass of ``model`` and await their results.
+
+        Arguments:
+            key: names the model's queue (e.g. ``(name, version)``); jobs of one key and pass share
+                batches, so one key must always mean the same model.
+            model: a :class:`~service.density.DensityModel` already on this worker's device.
+            pass_: :class:`Pass` ``ENCODE`` or ``DECODE``.
+            rows: ``(n, D)`` real numbers on the CPU (read until the request completes: do not
+                modify them meanwhile); cast to the model's dtype.
+            context: ``(n, C)`` context rows for a conditional model, else ``None``.
+            deadline: ``time.monotonic()`` seconds after which the rows must not start computing.
+
+        Returns:
+            CPU arrays in the model's dtype, row ``i`` of each from row ``i`` of ``rows``:
+            ``ENCODE`` → ``z, log_det, base_log_prob, log_prob``; ``DECODE`` → ``x, log_prob``.
+
+        Raises:
+            ValueError: at once, if ``rows``/``context`` do not have the shapes the model needs.
+            WorkerStopped: at once, when the worker is not accepting; later, if it stops without
+                draining before the request ran.
+            QueueFull: at once, if the queue bound in rows would be exceeded.
+            DeadlineExceeded: at the deadline if the request has not started (it is then dropped,
+                never computed), or at once if the deadline has already passed. A request whose
+                rows are computing at the deadline gets its result; one split into chunks whose
+                deadline passes between chunks is answered this, its remaining rows never computed.
+            ComputeError: the request's own rows failed to compute.
+        """
+        pass_ = Pass(pass_)
+        rows, context = check_rows(model, rows, context)
+        if rows.shape[0] == 0:
+            if not self._accepting:
+                raise WorkerStopped("the worker is not accepting requests")
+            return empty_result(model, pass_)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        job = self._enqueue(key, model, pass_, rows, context, deadline, loop, future)
+        try:
+            if deadline is None:
+                return await asyncio.shield(future)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), deadline - time.monotonic())
+            except TimeoutError:
+                with self._cond:
+                    dropped = self._withdraw(job, None)
+                if dropped:
+                    future.cancel()
+                    raise DeadlineExceeded("the deadline passed while the request was queued") from None
+                # its rows are computing (they started in time) or it was just answered: wait for that
+                return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with self._cond:
+                self._withdraw(job, WorkerStopped("the request was cancelled"))
+            if future.done() and not future.cancelled():
+                future.exception()  # answered just as it was cancelled: nobody will read it
+            future.cancel()
+            raise
+
+    def _enqueue(
+        self,
+        key: Hashable,
+        model: Any,
+        pass_: Pass,
+        rows: np.ndarray,
+        context: np.ndarray | None,
+        deadline: float | None,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future,
+    ) -> Job:
+        n = int(rows.shape[0])
+        with self._cond:
+            if not self._accepting:
+                raise WorkerStopped("the worker is not accepting requests")
+            now = time.monotonic()
+            if deadline is not None and deadline <= now:
+                raise DeadlineExceeded("the deadline had passed when the request was submitted")
+            if self._queued_rows + n > self._config.max_queue_rows:
+                excess = self._queued_rows + n - self._config.max_queue_rows
+                raise QueueFull(self._throughput.seconds_for(excess))
+            queue = self._queues.get((key, pass_))
+            if queue is None:
+                queue = self._queues[(key, pass_)] = JobQueue(key, pass_)
+            job = Job(
+                key=key, pass_=pass_, model=model, rows=rows, context=context, n=n, deadline=deadline,
+                loop=loop, future=future, enqueued_at=now, queue=queue, queued=n,
+            )
+            queue.jobs.append(job)
+            queue.rows += n
+            self._queued_rows += n
+            self._report_depth()
+            self._cond.notify()
+        return job
+
+    # -- bookkeeping (lock held) -----------------------------------------------------------------
+    def _close(self, job: Job) -> bool:
+        """Mark ``job`` answered: take its waiting rows off the queue. False if it already was."""
+        if job.closed:
+            return False
+        job.closed = True
+        if job.queued:
+            job.queue.rows -= job.queued
+            self._queued_rows -= job.queued
+            job.queued = 0
+            self._report_depth()
+        return True
+
+    def _withdraw(self, job: Job, reason: BaseException | None) -> bool:
+        """Drop ``job`` if none of its rows is computing now; else have the rest dropped after."""
+        if job.closed:
+            return False
+        if job.in_flight:
+            if reason is not None:
+                job.drop_reason = reason
+            return False
+        self._close(job)
+        return True
+
+    def _drop_waiting(self, message: str) -> list[_Answer]:
+        """Answer every job that is waiting with :class:`WorkerStopped`."""
+        answers: list[_Answer] = []
+        for queue in self._queues.values():
+            for job in queue.jobs:
+                if job.in_flight and not job.closed:
+                    job.drop_reason = WorkerStopped(message)
+                elif self._close(job):
+                    answers.append((job, WorkerStopped(message)))
+        return answers
+
+    def _report_depth(self) -> None:
+        self._notify("on_queue_depth", self._queued_rows)
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        if self._observer is None:
+            return
+        try:
+            method = getattr(self._observer, hook, None)
+            if method is not None:
+                method(*args)
+        except Exception:  # noqa: BLE001 - metrics must never break serving
+            log.exception("batch observer %s raised", hook)
+
+    # -- the worker thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        batch: _Batch | None = None
+        try:
+            if self._device.type == "cuda" and self._device.index is not None:
+                torch.cuda.set_device(self._device)  # allocations of this thread default to its device
+            while True:
+                answers: list[_Answer] = []
+                with self._cond:
+                    batch = self._next_batch(answers)
+                self._deliver(answers)
+                if batch is None:
+                    return
+                self._execute(batch)
+                batch = None
+        except BaseException:
+            log.exception("device worker %s crashed", self._device)
+            with self._cond:
+                self._accepting = False
+                self._stopping = True
+                answers = self._drop_waiting("the device worker crashed")
+                for job in batch.jobs if batch is not None else []:
+                    if self._close(job):
+                        answers.append((job, WorkerStopped("the device worker crashed")))
+            self._deliver(answers)
+            raise
+
+    def _oldest_queue(self) -> JobQueue | None:
+        oldest: JobQueue | None = None
+        for name, queue in list(self._queues.items()):
+            head = queue.head()
+            if head is None:
+                del self._queues[name]
+            elif oldest is None or head.enqueued_at < oldest.jobs[0].enqueued_at:
+                oldest = queue
+        return oldest
+
+    def _wait_left(self, queue: JobQueue, now: float) -> float:
+        """Seconds to wait for more rows before running ``queue``'s batch (0: run it now)."""
+        if self._config.max_wait_ms <= 0 or self._stopping or queue.rows >= self._config.max_batch_rows:
+            return 0.0
+        head = queue.jobs[0]
+        until = head.enqueued_at + self._config.max_wait_ms / 1000.0
+        if head.deadline is not None:
+            until = min(until, head.deadline)
+        return until - now
+
+    def _next_batch(self, answers: list[_Answer]) -> _Batch | None:
+        """Block until a batch can run and take it (None: stopping and nothing left)."""
+        while True:
+            queue = self._oldest_queue()
+            if queue is None:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+                continue
+            now = time.monotonic()
+            wait = self._wait_left(queue, now)
+            if wait > 0:
+                self._cond.wait(wait)
+                continue
+            batch = self._take(queue, now, answers)
+            if batch.segments:
+                return batch
+
+    def _take(self, queue: JobQueue, now: float, answers: list[_Answer]) -> _Batch:
+        """Take up to ``max_batch_rows`` rows from the head of ``queue`` (expired jobs are answered)."""
+        limit = self._config.max_batch_rows
+        batch = _Batch(queue.key, queue.pass_, None)
+        rows = 0
+        while rows < limit:
+            job = queue.head()
+            if job is None:
+                break
+            if batch.model is None:
+                batch.model = job.model
+            elif job.model is not batch.model:
+                break  # one torch call runs one model
+            if job.expired(now):
+                self._close(job)
+                answers.append((job, DeadlineExceeded("the deadline passed before the request's rows ran")))
+                continue
+            k = min(job.n - job.taken, limit - rows)
+            batch.segments.append(Segment.of(job, job.taken, job.taken + k))
+            if not job.started:
+                job.started = True
+                batch.waits.append(now - job.enqueued_at)
+            job.taken += k
+            job.queued -= k
+            job.in_flight = True
+            queue.rows -= k
+            self._queued_rows -= k
+            rows += k
+            if job.taken == job.n:
+                queue.jobs.popleft()
+        if batch.segments:
+            self._report_depth()
+        return batch
+
+    def _execute(self, batch: _Batch) -> None:
+        """Compute one batch outside the lock, then scatter its rows and answer finished jobs."""
+        for wait in batch.waits:
+            self._notify("on_dequeue", batch.key, batch.pass_, wait)
+        rows, jobs = batch.rows, batch.jobs
+        started = time.perf_counter()
+        try:
+            outcomes = compute(batch.model, batch.pass_, batch.segments)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not kill the thread
+            log.exception("batch of %d rows failed outside the model", rows)
+            outcomes = [(segment, exc) for segment in batch.segments]
+        seconds = time.perf_counter() - started
+        self._throughput.update(rows, seconds)
+        self._notify("on_batch", batch.key, batch.pass_, rows, len(jobs), seconds)
+
+        answers: list[_Answer] = []
+        finished: list[Job] = []
+        with self._cond:
+            for segment, outcome in outcomes:
+                job = segment.job
+                if job.closed:
+                    continue
+                if isinstance(outcome, BaseException):
+                    self._close(job)
+                    error = ComputeError(short_message(outcome))
+                    error.__cause__ = outcome
+                    answers.append((job, error))
+                else:
+                    job.parts.append((segment.start, outcome))
+                    job.done_rows += len(segment)
+            now = time.monotonic()
+            for job in jobs:
+                job.in_flight = False
+                if job.closed:
+                    continue
+                if job.done_rows == job.n:
+                    self._close(job)
+                    finished.append(job)
+                elif job.drop_reason is not None:
+                    self._close(job)
+                    answers.append((job, job.drop_reason))
+                elif job.expired(now):
+                    self._close(job)
+                    answers.append((job, DeadlineExceeded("the deadline passed before the rest of its rows ran")))
+        for job in finished:
+            try:
+                answers.append((job, assemble(job)))
+            except Exception as exc:  # noqa: BLE001
+                answers.append((job, ComputeError(short_message(exc))))
+        self._deliver(answers)
+
+    @staticmethod
+    def _deliver(answers: list[_Answer]) -> None:
+        for job, answer in answers:
+            job.rows = job.context = None  # type: ignore[assignment]  # free the request's rows
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.future, answer)
+            except RuntimeError:  # the job's event loop is closed: nobody is waiting any more
+                pass
+
