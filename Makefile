@@ -29,5 +29,14 @@ test: setup
 models: setup
 	$(PY) -m service.default_models --model-dir models
 
+# `make bench` (full, ~10 min) or `make bench BENCH_ARGS=--quick` (a smoke run): see bench/README.md.
+# wrk from Debian is installed when absent (else the harness's Python load generator is used).
+bench: setup
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) \
+		|| echo "bench: could not install wrk; using the Python load generator"
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install --quiet -e '.[dev,bench]'
+	@test -d models/moons -a -d models/digits || $(MAKE) models
+	$(PY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,344 @@
+"""``python -m bench``: run every scenario once and write ``bench/results/<date>.{json,md,png}``.
+
+The order of a run:
+
+1. start-up: start ``flowserve serve`` on the model repository as users do (all its models, default
+   settings) a few times; record start-to-ready and idle resident memory;
+2. model limits: each benchmarked model's in-process batched ``log_prob`` and sampling throughput
+   (:mod:`bench.limits`), before any load server runs;
+3. three servers at once on loopback (an idle one costs nothing): flowserve with default
+   settings, flowserve with ``FLOWSERVE_MAX_BATCH_ROWS=1`` (batching off), and the HTTP ceiling
+   (:mod:`bench.ceiling`); for each model and concurrency the three are loaded back to back, so each
+   ratio compares runs a few seconds apart;
+4. bulk scoring and sampling of 100,000 rows, JSON and ``.npy``, on flowserve;
+5. a mixed load (log_prob, score, sample, inverse at once) on flowserve;
+6. targets (:mod:`bench.targets`), the results JSON, the markdown report and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from . import limits as lim
+from .bodies import json_body, npy_body, rows_json
+from .loadgen import Request, generator_name
+from .machine import machine_info
+from .models import make_nsf8
+from .report import markdown, plot, update_readme
+from .scenarios import JSON, NPY, BulkFailed, bulk, mixed, sweep, warm_up
+from .server import ServerProcess, ceiling_argv, flowserve_argv, free_port
+from .targets import evaluate
+
+__all__ = ["main", "Plan"]
+
+HOST = "127.0.0.1"
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_MAX_BATCH_ROWS = 8192  # flowserve's default max_batch_rows (service/settings.py)
+
+
+@dataclass
+class Plan:
+    """How much to run. ``quick`` is a smoke run of a few tens of seconds."""
+
+    concurrencies: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    duration: float = 6.0
+    warmup: float = 1.0
+    bulk_rows: int = 100_000
+    bulk_repeats: int = 2
+    limit_repeats: int = 2
+    mixed_connections: int = 16
+    mixed_duration: float = 8.0
+    startup_runs: int = 3
+    idle_seconds: float = 3.0
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(concurrencies=[1, 16], duration=1.0, warmup=1.0, bulk_rows=2000, bulk_repeats=1,
+                   limit_repeats=1, mixed_connections=2, mixed_duration=1.0, startup_runs=1, idle_seconds=0.5)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: short runs, few rows, two concurrencies")
+    p.add_argument("--model-dir", type=Path, default=Path("models"), help="the model repository (default: models)")
+    p.add_argument("--models", default="moons,digits",
+                   help="comma-separated unconditional models of --model-dir to benchmark (default: moons,digits)")
+    p.add_argument("--no-nsf8", dest="nsf8", action="store_false",
+                   help="do not make and benchmark the harness's 8-feature NSF")
+    p.add_argument("--startup-models", default=None,
+                   help="FLOWSERVE_MODELS for the start-up/RSS measurement (default: every model of --model-dir)")
+    p.add_argument("--device", default="cpu", help="FLOWSERVE_DEVICE for the servers and the model limits")
+    p.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
+                   help="load generator (auto: wrk when installed, else the Python one)")
+    p.add_argument("--concurrency", default=None, help="override the concurrencies, e.g. 1,16,64,256")
+    p.add_argument("--duration", type=float, default=None, help="seconds per load run")
+    p.add_argument("--rows", type=int, default=None, help="rows of the bulk and sampling requests")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where results go")
+    p.add_argument("--name", default=None, help="results file stem (default: the date, plus the device if not cpu)")
+    p.add_argument("--readme", type=Path, action="append", default=None,
+                   help="README whose bench block (between bench markers) gets the report; repeatable "
+                        "(default: bench/README.md and README.md of a full run; none for --quick)")
+    return p.parse_args(argv)
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    plan = Plan.quick() if args.quick else Plan()
+    if args.concurrency:
+        plan.concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if args.duration:
+        plan.duration = args.duration
+    if args.rows:
+        plan.bulk_rows = args.rows
+    return plan
+
+
+def _work_models(args: argparse.Namespace, work: Path) -> tuple[Path, list[str]]:
+    """A model repository for the load servers: links to the chosen models, plus the harness's NSF."""
+    repo = work / "models"
+    repo.mkdir()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    for name in names:
+        src = (args.model_dir / name).resolve()
+        if not src.is_dir():
+            raise SystemExit(f"bench: no model {name!r} in {args.model_dir} (run `make models` first?)")
+        os.symlink(src, repo / name)
+    if args.nsf8:
+        _log("making the 8-feature NSF (a few seconds of training)")
+        make_nsf8(repo, "nsf8")
+        names.append("nsf8")
+    return repo, names
+
+
+def _flowserve(name: str, repo: Path, device: str, **env: str) -> ServerProcess:
+    port = free_port()
+    return ServerProcess(name, flowserve_argv(repo, HOST, port), port,
+                         env={"FLOWSERVE_DEVICE": device, **env})
+
+
+def measure_startup(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    """Start flowserve on the model repository ``plan.startup_runs`` times; ready time and idle RSS."""
+    env = {"FLOWSERVE_MODELS": args.startup_models} if args.startup_models else {}
+    runs = []
+    for _ in range(plan.startup_runs):
+        server = _flowserve("startup", args.model_dir, args.device, **env)
+        with server:
+            time.sleep(plan.idle_seconds)
+            runs.append({"ready_seconds": server.ready_seconds, "idle_rss_mb": server.rss_bytes() / 1e6})
+            import httpx
+
+            listed = httpx.get(server.url + "/v1/models").json()
+            models = sorted({m["name"] for m in listed.get("models", [])})
+    return {
+        "model_dir": str(args.model_dir),
+        "models": models,
+        "runs": runs,
+        "ready_seconds": statistics.median(r["ready_seconds"] for r in runs),
+        "idle_rss_mb": max(r["idle_rss_mb"] for r in runs),
+    }
+
+
+def _bulk(server: ServerProcess, path: str, body: bytes, content_type: str, accept: str, rows: int, field: str,
+          repeats: int, limit: float, **labels: Any) -> dict[str, Any]:
+    """:func:`bench.scenarios.bulk` with its ratio to ``limit``; a refused request is recorded, not fatal."""
+    try:
+        row = bulk(server, path, body, content_type, accept, rows, field, repeats, **labels)
+    except BulkFailed as e:
+        _log(f"bulk {labels} FAILED: {e}")
+        return {**labels, "path": path, "rows": rows, "request_bytes": len(body), "response_bytes": 0,
+                "seconds": None, "rows_per_s": None, "limit_rows_per_s": limit, "ratio": None, "error": str(e)}
+    row.update(limit_rows_per_s=limit, ratio=row["rows_per_s"] / limit)
+    _log(f"bulk {' '.join(map(str, labels.values()))}: {row['rows_per_s']:,.0f} rows/s = {row['ratio']:.2f} of the limit")
+    return row
+
+
+def _paths(name: str) -> dict[str, str]:
+    base = f"/v1/models/{name}"
+    return {op: f"{base}/{op}" for op in ("log_prob", "score", "sample", "inverse", "forward")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    plan = _plan(args)
+    generator = generator_name(args.generator)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema": 1,
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "mode": "quick" if args.quick else "full",
+        "device": args.device,
+        "command": "python -m bench " + shlex.join(sys.argv[1:]),
+        "machine": machine_info(),
+        "plan": asdict(plan),
+        "generator": generator,
+        "settings": {"flowserve": "defaults (no FLOWSERVE_* set) except FLOWSERVE_DEVICE",
+                     "flowserve-nobatch": "defaults + FLOWSERVE_MAX_BATCH_ROWS=1",
+                     "max_batch_rows": DEFAULT_MAX_BATCH_ROWS},
+    }
+    _log(f"plan: {asdict(plan)}; load generator: {generator}")
+    # servers must not inherit FLOWSERVE_* from the caller: default settings means defaults
+    for key in [k for k in os.environ if k.startswith("FLOWSERVE_")]:
+        os.environ.pop(key)
+
+    _log("start-up and idle memory")
+    results["startup"] = measure_startup(args, plan)
+    _log(f"  ready in {results['startup']['ready_seconds']:.2f} s, idle RSS {results['startup']['idle_rss_mb']:.0f} MB")
+
+    with tempfile.TemporaryDirectory(prefix="flowserve-bench-") as tmp, ExitStack() as stack:
+        repo, names = _work_models(args, Path(tmp))
+        results["models"] = names
+
+        # -- model limits (no server busy) --------------------------------------------------------
+        device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else args.device)
+        limits: dict[str, Any] = {}
+        data: dict[str, np.ndarray] = {}
+        batch_sizes = [DEFAULT_MAX_BATCH_ROWS, plan.bulk_rows]
+        for name in names:
+            model = lim.load_model(repo, name)
+            if model.context_features:
+                raise SystemExit(f"bench: {name!r} is conditional; benchmark unconditional models only")
+            model = model.to(device)
+            data[name] = lim.realistic_rows(model, plan.bulk_rows)
+            _log(f"model limit: {name} ({model.features} features, {model.dtype})")
+            limits[name] = {
+                "features": model.features,
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "log_prob": lim.log_prob_limit(model, data[name], batch_sizes, plan.limit_repeats),
+                "sample": lim.sample_limit(model, plan.bulk_rows, batch_sizes, plan.limit_repeats),
+            }
+            _log(f"  log_prob {limits[name]['log_prob']['rows_per_s']:,.0f} rows/s, "
+                 f"sample {limits[name]['sample']['rows_per_s']:,.0f} rows/s")
+            del model
+        results["limits"] = limits
+
+        # -- servers ------------------------------------------------------------------------------
+        _log("starting flowserve, flowserve (max_batch_rows=1) and the HTTP ceiling")
+        servers = {
+            "flowserve": _flowserve("flowserve", repo, args.device),
+            "flowserve-nobatch": _flowserve("flowserve-nobatch", repo, args.device, FLOWSERVE_MAX_BATCH_ROWS="1"),
+        }
+        port = free_port()
+        servers["ceiling"] = ServerProcess("ceiling", ceiling_argv(HOST, port), port)
+        for server in servers.values():
+            stack.enter_context(server)
+        results["servers"] = {k: {"argv": s.argv, "ready_seconds": s.ready_seconds,
+                                  "rss_mb_after_start": s.rss_bytes() / 1e6} for k, s in servers.items()}
+
+        # -- 1, 2: one-row log_prob sweeps --------------------------------------------------------
+        sweep_rows: list[dict] = []
+        for name in names:
+            body = rows_json(data[name][:1])
+            request = Request(_paths(name)["log_prob"], body)
+            for kind, server in servers.items():
+                warm_up(server, request, plan.warmup, generator)
+            for c in plan.concurrencies:
+                for kind in ("ceiling", "flowserve", "flowserve-nobatch"):
+                    row = sweep(servers[kind], request, [c], plan.duration, generator, model=name, server=kind)[0]
+                    sweep_rows.append(row)
+                    _log(f"{name} c={c:<3} {kind:<17} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+                         f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}  server {row['server_cores']:.2f} cores")
+        results["scenarios"] = {"concurrency": sweep_rows}
+
+        # -- 3, 4: bulk ---------------------------------------------------------------------------
+        fs = servers["flowserve"]
+        bulk_rows, sample_rows = [], []
+        n = plan.bulk_rows
+        for name in names:
+            x = data[name]
+            paths = _paths(name)
+            lp_limit = limits[name]["log_prob"]["rows_per_s"]
+            for op in ("log_prob", "score"):
+                for fmt in ("json", "npy"):
+                    if fmt == "json":
+                        body, ctype = rows_json(x), JSON
+                    else:
+                        body, ctype = npy_body(x), NPY
+                    accept = NPY if fmt == "npy" else JSON
+                    row = _bulk(fs, paths[op], body, ctype, accept, n, "log_prob", plan.bulk_repeats, lp_limit,
+                                model=name, op=op, format=fmt)
+                    bulk_rows.append(row)
+            s_limit = limits[name]["sample"]["rows_per_s"]
+            for fmt in ("json", "npy"):
+                accept = NPY if fmt == "npy" else JSON
+                row = _bulk(fs, paths["sample"], json_body({"n": n, "seed": 1}), JSON, accept, n, "samples",
+                            plan.bulk_repeats, s_limit, model=name, op="sample", format=fmt)
+                sample_rows.append(row)
+        results["scenarios"]["bulk"] = bulk_rows
+        results["scenarios"]["sample"] = sample_rows
+
+        # -- 5: mixed -----------------------------------------------------------------------------
+        name = names[0]
+        x = data[name]
+        paths = _paths(name)
+        requests = {
+            "log_prob": (Request(paths["log_prob"], rows_json(x[:1])), 1),
+            "score": (Request(paths["score"], rows_json(x[:16])), 16),
+            "sample": (Request(paths["sample"], json_body({"n": 64, "seed": 3})), 64),
+            "inverse": (Request(paths["inverse"], rows_json(x[:4])), 4),
+        }
+        _log(f"mixed load on {name}: {plan.mixed_connections} connections per operation")
+        mixed_rows = mixed(fs, requests, plan.mixed_connections, plan.mixed_duration, generator, model=name)
+        total = plan.mixed_connections * len(requests)
+        ceiling_at = next((r for r in sweep_rows if r["model"] == name and r["server"] == "ceiling"
+                           and r["concurrency"] == total), None)
+        for row in mixed_rows:
+            row["total_concurrency"] = total
+            row["p99_ratio_to_ceiling"] = row["p99_ms"] / ceiling_at["p99_ms"] if ceiling_at else None
+            _log(f"  {row['op']:<8} {row['rps']:7.0f} req/s p50 {row['p50_ms']:6.1f} ms p99 {row['p99_ms']:6.1f} ms")
+        results["scenarios"]["mixed"] = mixed_rows
+
+    results["targets"] = evaluate(results)
+    results["wall_seconds"] = time.perf_counter() - started
+    return results
+
+
+def write(results: dict[str, Any], out: Path, stem: str, readmes: list[Path]) -> dict[str, Path]:
+    """The JSON, the markdown report, the plot, and the README blocks."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    paths["json"].write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    has_plot = plot(results, paths["png"])
+    if not has_plot:
+        paths.pop("png")
+    paths["md"].write_text(markdown(results, paths["png"].name if has_plot else None), encoding="utf-8")
+    for readme in readmes:
+        rel = os.path.relpath(out, readme.parent)
+        block = markdown(results, f"{rel}/{paths['png'].name}" if has_plot else None)
+        if update_readme(readme, block):
+            _log(f"updated the bench block of {readme}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    results = run(args)
+    stem = args.name or (_dt.date.today().isoformat() + ("" if args.device == "cpu" else f"-{args.device}")
+                         + ("-quick" if args.quick else ""))
+    readmes = args.readme if args.readme is not None else (
+        [] if args.quick else [BENCH_DIR / "README.md", BENCH_DIR.parent / "README.md"])
+    paths = write(results, args.out, stem, readmes)
+    for t in results["targets"]:
+        verdict = {True: "met", False: "NOT MET", None: "n/a"}[t["met"]]
+        fig = "n/a" if t["figure"] is None else f"{t['figure']:.2f}"
+        print(f"{verdict:>8}  {fig:>8} {t['op']} {t['threshold']:g}  {t['name']} ({t['detail']})")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

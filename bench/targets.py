@@ -1,0 +1,62 @@
+"""The targets of the issue, each a ratio (or an absolute figure) from one results file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["evaluate", "TARGET_CONCURRENCY"]
+
+TARGET_CONCURRENCY = 64
+
+
+def _find(rows: list[dict], **match: Any) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _target(name: str, figure: float | None, op: str, threshold: float, unit: str = "", detail: str = "") -> dict:
+    met = None if figure is None else (figure >= threshold if op == ">=" else figure < threshold)
+    return {"name": name, "figure": figure, "op": op, "threshold": threshold, "unit": unit, "met": met,
+            "detail": detail}
+
+
+def _bulk_detail(row: dict) -> str:
+    if row.get("error"):
+        return f"failed: {row['error'][:120]}"
+    return f"{row['rows_per_s']:.0f} vs {row['limit_rows_per_s']:.0f} rows/s"
+
+
+def evaluate(results: dict[str, Any]) -> list[dict]:
+    """Every target's figure, threshold and verdict (``met`` is ``None`` where the run lacks it)."""
+    out: list[dict] = []
+    sweep = results["scenarios"]["concurrency"]
+    c = TARGET_CONCURRENCY if any(r["concurrency"] == TARGET_CONCURRENCY for r in sweep) else max(
+        (r["concurrency"] for r in sweep), default=0)
+    for model in results["models"]:
+        on = _find(sweep, model=model, server="flowserve", concurrency=c)
+        ceiling = _find(sweep, model=model, server="ceiling", concurrency=c)
+        off = _find(sweep, model=model, server="flowserve-nobatch", concurrency=c)
+        if on and ceiling:
+            out.append(_target(f"{model}: one-row log_prob at c={c}, requests/s vs HTTP ceiling",
+                               on["rps"] / ceiling["rps"], ">=", 0.5, "x",
+                               f"{on['rps']:.0f} vs {ceiling['rps']:.0f} req/s"))
+            out.append(_target(f"{model}: one-row log_prob at c={c}, p99 vs HTTP ceiling's",
+                               on["p99_ms"] / ceiling["p99_ms"], "<", 3.0, "x",
+                               f"{on['p99_ms']:.1f} vs {ceiling['p99_ms']:.1f} ms"))
+        if on and off:
+            out.append(_target(f"{model}: batching on vs off at c={c}, requests/s",
+                               on["rps"] / off["rps"], ">=", 5.0, "x",
+                               f"{on['rps']:.0f} vs {off['rps']:.0f} req/s"))
+    for row in results["scenarios"]["bulk"]:
+        threshold = 0.7 if row["format"] == "npy" else 0.35
+        out.append(_target(f"{row['model']}: bulk {row['op']} {row['rows']} rows, {row['format']}, rows/s vs model limit",
+                           row["ratio"], ">=", threshold, "x", _bulk_detail(row)))
+    for row in results["scenarios"]["sample"]:
+        out.append(_target(f"{row['model']}: sample {row['rows']} rows, {row['format']}, rows/s vs model limit",
+                           row["ratio"], ">=", 0.7, "x", _bulk_detail(row)))
+    startup = results.get("startup")
+    if startup:
+        out.append(_target(f"idle RSS with the default models {startup['models']}", startup["idle_rss_mb"], "<",
+                           600.0, "MB", f"max of {len(startup['runs'])} starts"))
+        out.append(_target("start to ready", startup["ready_seconds"], "<", 5.0, "s",
+                           f"median of {len(startup['runs'])} starts, process start to first 200 from /readyz"))
+    return out
