@@ -57,30 +57,40 @@ class CommandError(Exception):
 
 def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the errors a user can cause into ``flowserve CMD: error: ...`` on stderr and exit status 2."""
-    from ..artifact import ArtifactError
-    from ..client import FlowserveError
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
-        import httpx
-
         try:
             return run(args)
-        except FlowserveError as e:
-            where = "; ".join(f"{'.'.join(map(str, err.get('loc', [])))}: {err.get('msg', '')}" for err in e.errors)
-            message = f"server answered {e}" + (f" ({where})" if where else "")
-        except httpx.HTTPError as e:
-            message = f"cannot reach {getattr(args, 'url', None)}: {e or type(e).__name__}"
-        except (CommandError, ArtifactError, ValueError) as e:
-            message = str(e)
-        except OSError as e:
-            message = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
         except KeyboardInterrupt:
             return 130
+        except Exception as e:  # noqa: BLE001 - re-raised below unless it is the user's error
+            message = user_message(e, getattr(args, "url", None))
+            if message is None:
+                raise
         print(f"flowserve {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
 
     return wrapper
+
+
+def user_message(e: Exception, url: str | None = None) -> str | None:
+    """One line for an error the user caused (bad input, unknown model, server refusal); else ``None``."""
+    import httpx
+
+    from ..client import FlowserveError
+
+    artifact = sys.modules.get("service.artifact")  # loaded only where a model is loaded in process
+    if isinstance(e, FlowserveError):
+        where = "; ".join(f"{'.'.join(map(str, err.get('loc', [])))}: {err.get('msg', '')}" for err in e.errors[:3])
+        return f"server answered {e}" + (f" ({where})" if where else "")
+    if isinstance(e, httpx.HTTPError):
+        return f"cannot reach {url}: {e or type(e).__name__}"
+    if isinstance(e, (CommandError, ValueError)) or (artifact is not None and isinstance(e, artifact.ArtifactError)):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    return None
 
 
 # -- where the model lives ---------------------------------------------------------------------------
