@@ -345,7 +345,8 @@ class DeviceWorker:
                 self._deliver(answers)
                 if batch is None:
                     return
-                self._execute(batch)
+                if batch.segments:  # empty when it only answered expired jobs
+                    self._execute(batch)
                 batch = None
         except BaseException:
             log.exception("device worker %s crashed", self._device)
@@ -394,7 +395,7 @@ class DeviceWorker:
                 self._cond.wait(wait)
                 continue
             batch = self._take(queue, now, answers)
-            if batch.segments:
+            if batch.segments or answers:  # deliver expired jobs' answers now, not with the next batch
                 return batch
 
     def _take(self, queue: JobQueue, now: float, answers: list[_Answer]) -> _Batch:
