@@ -163,10 +163,11 @@ def test_large_requests_binary_or_json_fallback(server: ServerProcess, fs: Clien
     takes_npy = httpx.post(server.url + "/v1/models/moons/log_prob", content=buf.getvalue(),
                            headers={"content-type": "application/x-npy"}).status_code != 415
     with Client(server.url, binary_threshold=1000) as small:
+        # n > threshold: asks for an .npz answer (and takes JSON from a server that only has JSON)
+        np.testing.assert_allclose(small.sample("moons", 1500, seed=3), fs.sample("moons", 1500, seed=3), rtol=1e-6)
         np.testing.assert_allclose(small.log_prob("moons", x), expected, rtol=1e-6)
         inv = small.inverse("moons", x)
         np.testing.assert_allclose(inv["log_prob"], expected, rtol=1e-6)
-        np.testing.assert_allclose(small.sample("moons", 1500, seed=3), fs.sample("moons", 1500, seed=3), rtol=1e-6)
         # a server without .npy bodies answers 415 once; the client then sends JSON from there on
         assert (small.binary_threshold == 1000) is takes_npy
 
