@@ -1,0 +1,73 @@
+"""The FastAPI application: :func:`create_app` wires settings, metrics, worker, registry and routes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from ..metrics import Metrics
+from ..settings import Settings, SettingsError, load_settings
+from . import errors, openapi
+from .routes import health, models, operations
+from .state import ServiceState
+
+__all__ = ["create_app"]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flowserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+DESCRIPTION = """
+Exact log-densities, latents, samples and anomaly scores from normalizing flows.
+
+* Rows are lists of numbers in the model's feature order, or records keyed by feature name.
+* Conditional models need `context` rows; other models refuse them.
+* Every error is `application/problem+json` (RFC 9457) with `errors: [{loc, msg}]` for invalid input.
+* Answers are strict JSON: non-finite numbers (e.g. a `-inf` log-density far outside the support) are
+  written as `null`.
+* 503 answers carry `Retry-After`; 504 means the request's deadline passed before it was computed.
+"""
+
+OPENAPI_TAGS = [
+    {"name": "operations", "description": "log_prob, inverse, forward, sample and score on a model."},
+    {"name": "models", "description": "The models this server holds and their cards."},
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+
+
+def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """A new app for ``settings`` (from the environment when ``None``), with its own metrics registry.
+
+    Nothing runs until the app's lifespan starts (the server does that): then the device worker
+    starts and the models load in a thread, while ``/healthz`` already answers.
+    """
+    settings = settings if settings is not None else load_settings()
+    if settings.api_keys or settings.admin_key is not None:
+        # fail closed: do not pretend to protect the API with keys this build does not check
+        raise SettingsError("FLOWSERVE_API_KEYS / FLOWSERVE_ADMIN_KEY are set, but this build does not enforce keys yet")
+    state = ServiceState(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="flowserve", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+                  openapi_tags=OPENAPI_TAGS)
+    app.state.flowserve = state
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(operations.router)
+    openapi.install(app)
+    return app

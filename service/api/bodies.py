@@ -1,0 +1,114 @@
+"""Reading request bodies: size limits, content types, and one parser per media type.
+
+A parser turns the raw bytes (and the request, for query parameters) into a :class:`ParsedBody`:
+the named fields as JSON-like values, and optionally the main array already as numpy. Only
+``application/json`` is registered here; a binary parser (``application/x-npy``: the array from
+the body, the other fields from the query string) plugs in with :func:`register_parser` and every
+operation then accepts it, because operations only read :class:`ParsedBody`.
+
+Limits are checked before anything is parsed: a ``Content-Length`` over ``max_body_bytes`` is
+refused before a byte is read, and a body streamed without one is counted as it arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import Problem, field_error
+
+__all__ = ["JSON", "ParsedBody", "Parser", "media_type", "parse_body", "read_body", "register_parser"]
+
+JSON = "application/json"
+
+
+@dataclass
+class ParsedBody:
+    """A request's fields as JSON-like values, and the main array when the body itself was one."""
+
+    fields: dict[str, Any]
+    array: np.ndarray | None = None
+    media_type: str = JSON
+    #: whether field values came as strings (query parameters) and need lax validation
+    lax: bool = False
+
+
+Parser = Callable[[bytes, Request], ParsedBody]
+
+
+def parse_json(body: bytes, request: Request) -> ParsedBody:
+    """A JSON object (strict JSON: no NaN, no Infinity, no comments) parsed by orjson."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise Problem(400, "malformed-json", f"the body is not valid JSON: {e}",
+                      errors=[field_error(("body",), str(e))]) from None
+    if not isinstance(value, dict):
+        kind = "an array" if isinstance(value, list) else type(value).__name__
+        raise Problem(422, "invalid-field", f"the body must be a JSON object, got {kind}",
+                      errors=[field_error(("body",), "expected an object")])
+    return ParsedBody(value)
+
+
+#: media type -> parser; add ``application/x-npy`` here (see :func:`register_parser`)
+PARSERS: dict[str, Parser] = {JSON: parse_json}
+
+
+def register_parser(media: str, parser: Parser) -> None:
+    """Make every operation accept bodies of ``media`` (e.g. ``application/x-npy``)."""
+    PARSERS[media.lower()] = parser
+
+
+def media_type(request: Request) -> str:
+    """The request's media type without parameters, lower case; JSON when the header is absent."""
+    raw = request.headers.get("content-type")
+    if not raw:
+        return JSON
+    return raw.split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise Problem(400, "invalid-input", f"Content-Length {length!r} is not a number") from None
+        if declared > max_bytes:
+            raise _too_large(max_bytes, f"Content-Length is {declared} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes, f"more than {max_bytes} bytes were sent")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Problem(400, "invalid-input", "the client went away before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int, why: str) -> Problem:
+    return Problem(413, "content-too-large", f"the body is too large: {why}; this server takes at most "
+                   f"{max_bytes} bytes (FLOWSERVE_MAX_BODY_BYTES)")
+
+
+async def parse_body(request: Request, max_bytes: int) -> ParsedBody:
+    """Check the content type, read the body within the limit, and parse it."""
+    media = media_type(request)
+    parser = PARSERS.get(media)
+    if parser is None:
+        raise Problem(415, "unsupported-media-type",
+                      f"Content-Type {media!r} is not supported here; send one of {sorted(PARSERS)} "
+                      "(e.g. curl -H 'Content-Type: application/json')",
+                      headers={"Accept-Post": ", ".join(sorted(PARSERS))})
+    body = await read_body(request, max_bytes)
+    parsed = parser(body, request)
+    parsed.media_type = media
+    return parsed

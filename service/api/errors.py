@@ -1,0 +1,179 @@
+"""Every error the API answers, as ``application/problem+json`` (RFC 9457).
+
+A problem is ``{"type", "title", "status", "detail"}`` and, for invalid input,
+``"errors": [{"loc", "msg"}]`` where ``loc`` names the offending place the way FastAPI does:
+``["body", "inputs", 3, 1]`` is row 3, column 1 of ``inputs``; ``["body", "inputs", 3, "x1"]`` is
+the key ``x1`` of record 3; ``["path", "version"]`` a path parameter.
+
+| status | ``type`` (``urn:flowserve:problem:...``)     | when                                       |
+|--------|----------------------------------------------|--------------------------------------------|
+| 400    | ``malformed-json``, ``invalid-input``        | unparseable body; NaN/inf, ragged rows, wrong feature count, unknown or missing feature names, bad context |
+| 404    | ``model-not-found``, ``version-not-found``, ``not-found`` | unknown model, version or path   |
+| 405    | ``method-not-allowed``                       | e.g. GET on an operation (``Allow`` says which) |
+| 409    | ``no-calibration``                           | ``score`` on a model version without a calibration set |
+| 413    | ``content-too-large``                        | body over ``max_body_bytes``; rows over ``max_rows``; ``n`` over ``max_samples`` |
+| 415    | ``unsupported-media-type``                   | a ``Content-Type`` the endpoint does not read |
+| 422    | ``invalid-field``                            | well-formed but invalid fields: ``n < 1``, ``temperature <= 0``, ``alpha`` outside (0, 1), wrong types, unknown fields |
+| 503    | ``queue-full``, ``not-ready``, ``draining``  | with ``Retry-After`` (seconds)             |
+| 504    | ``deadline-exceeded``                        | the request's deadline passed before its batch ran (never computed) |
+| 500    | ``compute-failed``, ``internal-error``       | a fault of the server, never of the input  |
+
+Framework errors (unknown routes, wrong methods, invalid path parameters) and unexpected
+exceptions take the same shape through the handlers :func:`install` registers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from http import HTTPStatus
+from typing import Any, Iterable, Sequence
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+__all__ = [
+    "MAX_ERRORS",
+    "PROBLEM_JSON",
+    "Problem",
+    "ProblemResponse",
+    "field_error",
+    "install",
+    "problem_type",
+]
+
+log = logging.getLogger("flowserve.api")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:flowserve:problem:"
+#: most entries an ``errors`` list carries (the detail says how many more there were)
+MAX_ERRORS = 20
+
+Loc = Sequence[str | int]
+
+
+def problem_type(slug: str) -> str:
+    return TYPE_PREFIX + slug
+
+
+def field_error(loc: Loc, msg: str) -> dict[str, Any]:
+    """One ``errors`` entry."""
+    return {"loc": list(loc), "msg": msg}
+
+
+class Problem(Exception):
+    """An HTTP error answer; raise it anywhere in a handler.
+
+    Arguments:
+        status: the HTTP status.
+        slug: the last part of ``type`` (see the module table).
+        detail: one human sentence about this occurrence.
+        errors: ``[{"loc", "msg"}]`` for invalid input (cut to :data:`MAX_ERRORS`).
+        headers: extra headers (``Retry-After``, ``Allow``).
+        extra: further members (RFC 9457 extensions), e.g. ``models`` on ``/readyz``.
+    """
+
+    def __init__(self, status: int, slug: str, detail: str, *, errors: Iterable[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None, title: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.status = int(status)
+        self.slug = slug
+        self.detail = detail
+        self.title = title or _phrase(self.status)
+        errs = list(errors) if errors is not None else None
+        if errs is not None and len(errs) > MAX_ERRORS:
+            self.detail = f"{detail} ({len(errs)} problems; the first {MAX_ERRORS} are listed)"
+            errs = errs[:MAX_ERRORS]
+        self.errors = errs
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+    @classmethod
+    def unavailable(cls, slug: str, detail: str, retry_after: float = 1.0, **kw: Any) -> "Problem":
+        """A 503 with ``Retry-After`` rounded up to whole seconds (at least 1)."""
+        seconds = max(1, math.ceil(retry_after)) if math.isfinite(retry_after) else 1
+        headers = {"Retry-After": str(seconds), **kw.pop("headers", {})}
+        return cls(503, slug, detail, headers=headers, **kw)
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": problem_type(self.slug), "title": self.title,
+                               "status": self.status, "detail": self.detail}
+        if instance:
+            out["instance"] = instance
+        if self.errors is not None:
+            out["errors"] = self.errors
+        out.update(self.extra)
+        return out
+
+    def response(self, instance: str | None = None) -> "ProblemResponse":
+        return ProblemResponse(self.body(instance), status_code=self.status, headers=self.headers)
+
+
+class ProblemResponse(Response):
+    """``application/problem+json``, encoded with orjson."""
+
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, default=str)
+
+
+#: RFC 9110's names where Python's http module still has the older ones
+_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+
+def _phrase(status: int) -> str:
+    if status in _TITLES:
+        return _TITLES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+# -- handlers ------------------------------------------------------------------------------------
+_HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "content-too-large", 415: "unsupported-media-type"}
+
+
+async def _problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return exc.response(request.url.path)
+
+
+async def _http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    detail = exc.detail if isinstance(exc.detail, str) else _phrase(status)
+    if status == 404 and detail == "Not Found":
+        detail = f"no route {request.method} {request.url.path}; see /docs for the API"
+    elif status == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        detail = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+    slug = _HTTP_SLUGS.get(status, "http-error")
+    return Problem(status, slug, detail, headers=dict(exc.headers or {})).response(request.url.path)
+
+
+async def _validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [field_error(tuple(e.get("loc", ())), str(e.get("msg", "invalid"))) for e in exc.errors()]
+    where = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors[:3])
+    return Problem(422, "invalid-field", f"invalid request: {where}", errors=errors).response(request.url.path)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Problem(500, "internal-error", "the server failed to answer; this is a bug, please report it").response(
+        request.url.path
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the problem+json handlers for our errors, FastAPI's and Starlette's."""
+    app.add_exception_handler(Problem, _problem)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(Exception, _unexpected)

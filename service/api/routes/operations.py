@@ -1,0 +1,272 @@
+"""The five operations, under ``/v1/models/{name}`` and ``/v1/models/{name}/versions/{version}``.
+
+Each handler does the same few steps: look the model up (404 / 503), read and parse the body
+within the limits (415 / 413 / 400), validate the scalar fields with the operation's ``*Params``
+model (422) and the arrays with numpy (:mod:`service.api.rows`: 400 / 413 / 422), call the
+operation in :mod:`service.operations` with a deadline of ``request_timeout_s`` from the start of
+the request, and encode the numpy answer with orjson. Every failure is a problem+json answer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from ... import operations
+from ...batching import ComputeError, DeadlineExceeded, QueueFull, WorkerStopped
+from ...registry import ServedModel
+from ..bodies import ParsedBody, parse_body
+from ..errors import Problem, field_error
+from ..responses import NumpyJSONResponse
+from ..rows import describe_names, rows_array
+from ..schemas import (
+    EncodeParams,
+    ForwardParams,
+    ForwardResponse,
+    InverseResponse,
+    LogProbResponse,
+    REQUEST_MODELS,
+    SampleParams,
+    SampleResponse,
+    ScoreParams,
+    ScoreResponse,
+    request_examples,
+)
+from ..state import ServiceState, get_state
+
+__all__ = ["ENDPOINTS", "Endpoint", "router"]
+
+router = APIRouter(prefix="/v1/models", tags=["operations"])
+
+NAME = Path(..., description="The model's name.", examples=["moons"])
+VERSION = Path(..., description="An integer version of the model.", examples=["1"])
+
+Runner = Callable[[ServiceState, ServedModel, ParsedBody, float], Awaitable[tuple[dict[str, Any], int]]]
+
+
+# -- shared steps ---------------------------------------------------------------------------------
+def _params(parsed: ParsedBody, model: type[BaseModel], arrays: tuple[str, ...]) -> Any:
+    """Validate the non-array fields strictly (lax for query parameters); unknown fields are 422."""
+    fields = {k: v for k, v in parsed.fields.items() if k not in arrays}
+    try:
+        return model.model_validate(fields, strict=not parsed.lax)
+    except ValidationError as e:
+        allowed = sorted(set(model.model_fields) | set(arrays))
+        errors = []
+        for err in e.errors():
+            loc = ("body", *err["loc"])
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown field; this operation takes {allowed}"
+            errors.append(field_error(loc, msg))
+        first = errors[0]
+        raise Problem(422, "invalid-field", f"{'.'.join(map(str, first['loc'][1:]))}: {first['msg']}",
+                      errors=errors) from None
+
+
+def _main_rows(parsed: ParsedBody, served: ServedModel, field: str, max_rows: int) -> np.ndarray:
+    value = parsed.array if parsed.array is not None else parsed.fields.get(field)
+    if value is None:
+        raise Problem(422, "invalid-field", f"{field} is required: a list of rows of {served.features} numbers "
+                      f"{describe_names(served.feature_names)}",
+                      errors=[field_error(("body", field), "field required")])
+    return rows_array(value, served.feature_names, field, max_rows=max_rows)
+
+
+def _context(parsed: ParsedBody, served: ServedModel, rows: int, *, broadcast: bool = False) -> np.ndarray | None:
+    """Context rows for ``rows`` data rows (one row is also accepted when ``broadcast``)."""
+    value = parsed.fields.get("context")
+    if not served.context_features:
+        if value is not None:
+            raise Problem(400, "invalid-input", f"model {served.name!r} is not conditional and takes no context",
+                          errors=[field_error(("body", "context"), "not accepted by this model; remove it")])
+        return None
+    names = served.context_names
+    if value is None:
+        raise Problem(400, "invalid-input",
+                      f"model {served.name!r} is conditional: context with {len(names)} values "
+                      f"{describe_names(names)} is required" + ("" if broadcast else " for every row"),
+                      errors=[field_error(("body", "context"), "required by this model")])
+    arr = rows_array(value, names, "context", single_row_ok=broadcast)
+    if arr.shape[0] != rows and not (broadcast and arr.shape[0] == 1):
+        expected = f"1 or {rows}" if broadcast else str(rows)
+        raise Problem(400, "invalid-input", f"context has {arr.shape[0]} rows; expected {expected}",
+                      errors=[field_error(("body", "context"), f"expected {expected} rows, got {arr.shape[0]}")])
+    return arr
+
+
+def _answer(served: ServedModel, **arrays: Any) -> dict[str, Any]:
+    return {"model": served.name, "version": served.version, **arrays}
+
+
+# -- the operations -------------------------------------------------------------------------------
+ENCODE_ARRAYS = ("inputs", "context")
+
+
+async def _log_prob(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    _params(parsed, EncodeParams, ENCODE_ARRAYS)
+    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
+    c = _context(parsed, served, x.shape[0])
+    out = await operations.log_prob(state.worker, served, x, c, deadline)
+    return _answer(served, log_prob=out["log_prob"]), x.shape[0]
+
+
+async def _inverse(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    _params(parsed, EncodeParams, ENCODE_ARRAYS)
+    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
+    c = _context(parsed, served, x.shape[0])
+    out = await operations.inverse(state.worker, served, x, c, deadline)
+    return _answer(served, **out), x.shape[0]
+
+
+async def _forward(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    _params(parsed, ForwardParams, ("latents", "context"))
+    z = _main_rows(parsed, served, "latents", state.settings.max_rows)
+    c = _context(parsed, served, z.shape[0])
+    out = await operations.forward(state.worker, served, z, c, deadline)
+    return _answer(served, **out), z.shape[0]
+
+
+async def _sample(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    p: SampleParams = _params(parsed, SampleParams, ("context",))
+    limit = state.settings.max_samples
+    if p.n > limit:
+        raise Problem(413, "content-too-large", f"n is {p.n}; this server draws at most {limit} samples per request",
+                      errors=[field_error(("body", "n"), f"at most {limit}")])
+    c = _context(parsed, served, p.n, broadcast=True)
+    out = await operations.sample(state.worker, served, p.n, p.seed, p.temperature, c, deadline)
+    answer = _answer(served, samples=out["samples"], seed=out["seed"])
+    if p.return_log_prob:
+        answer["log_prob"] = out["log_prob"]
+    if p.return_latents:
+        answer["latents"] = out["latents"]
+    return answer, p.n
+
+
+async def _score(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    p: ScoreParams = _params(parsed, ScoreParams, ENCODE_ARRAYS)
+    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
+    c = _context(parsed, served, x.shape[0])
+    out = await operations.score(state.worker, served, x, c, p.alpha, deadline)
+    return _answer(served, **out), x.shape[0]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One operation: its path suffix, how it runs, and what documents it."""
+
+    name: str
+    run: Runner
+    response: type[BaseModel]
+    summary: str
+    description: str
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("log_prob", _log_prob, LogProbResponse, "Log-density of rows",
+             "`log p(x)` of each row (natural log, in the data's own units)."),
+    Endpoint("inverse", _inverse, InverseResponse, "Map data to latents",
+             "`z = f⁻¹(x)` with `log_det`, `base_log_prob` and `log_prob == base_log_prob + log_det`."),
+    Endpoint("forward", _forward, ForwardResponse, "Map latents to data",
+             "`x = f(z)` and the log-density of each output."),
+    Endpoint("sample", _sample, SampleResponse, "Draw samples",
+             "`n` rows from the model; the same `seed` gives the same rows whatever the server is doing."),
+    Endpoint("score", _score, ScoreResponse, "Anomaly scores",
+             "`score = -log_prob` and the conformal p-value of each row against the model's held-out calibration "
+             "log-densities; `is_anomaly = p_value <= alpha`."),
+)
+
+
+# -- error mapping and the handler ----------------------------------------------------------------
+def _problem(exc: Exception, state: ServiceState) -> Problem | None:
+    if isinstance(exc, QueueFull):
+        return Problem.unavailable("queue-full", f"the server's queue is full ({state.settings.max_queue_rows} rows); "
+                                   "retry later or send fewer rows", exc.retry_after)
+    if isinstance(exc, WorkerStopped):
+        return Problem.unavailable("draining", f"the server is shutting down and runs no new work: {exc}", 1.0)
+    if isinstance(exc, DeadlineExceeded):
+        return Problem(504, "deadline-exceeded",
+                       f"the request's deadline ({state.settings.request_timeout_s:g} s) passed before its rows "
+                       "were computed; they were not computed")
+    if isinstance(exc, ComputeError):
+        return Problem(500, "compute-failed", f"the model failed to compute these rows: {exc}")
+    if isinstance(exc, operations.NoCalibration):
+        return Problem(409, "no-calibration", str(exc))
+    if isinstance(exc, ValueError):  # OperationError, or the worker's own shape check
+        return Problem(400, "invalid-input", str(exc))
+    return None
+
+
+async def _handle(request: Request, name: str, version: str | None, endpoint: Endpoint) -> Response:
+    state = get_state(request)
+    deadline = time.monotonic() + state.settings.request_timeout_s
+    with state.metrics.track(endpoint.name) as record:
+        try:
+            served = state.lookup(name, version)
+            record.model, record.version = served.name, str(served.version)
+            parsed = await parse_body(request, state.settings.max_body_bytes)
+            payload, rows = await endpoint.run(state, served, parsed, deadline)
+        except Problem as p:
+            record.status = p.status
+            raise
+        except Exception as exc:
+            problem = _problem(exc, state)
+            if problem is None:
+                raise
+            record.status = problem.status
+            raise problem from exc
+        response = NumpyJSONResponse(payload)
+        record.status, record.rows = 200, rows
+        return response
+
+
+def _problem_responses() -> dict[int | str, dict[str, Any]]:
+    ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    described = {
+        400: "Malformed JSON, non-finite numbers, ragged rows, wrong feature count, unknown feature names, bad context.",
+        404: "Unknown model or version.",
+        409: "score: the model version has no calibration set.",
+        413: "Body over max_body_bytes, more rows than max_rows, or n over max_samples.",
+        415: "Unsupported Content-Type.",
+        422: "Invalid fields: n < 1, temperature <= 0, alpha outside (0, 1), wrong types, unknown fields.",
+        503: "Queue full, not ready or shutting down; see Retry-After.",
+        504: "The deadline passed before the request's batch ran.",
+    }
+    return {status: {"description": text, "content": ref} for status, text in described.items()}
+
+
+def _register(endpoint: Endpoint) -> None:
+    extra = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{REQUEST_MODELS[endpoint.name].__name__}"},
+        "examples": request_examples(endpoint.name),
+    }}}}
+    responses = {200: {"model": endpoint.response}, **_problem_responses()}
+    description = endpoint.description + (
+        "\n\nNon-finite numbers in the answer (e.g. `-inf` log-densities far outside the support) are written "
+        "as `null`, so the answer is strict JSON."
+    )
+
+    async def latest(request: Request, name: str = NAME) -> Response:
+        return await _handle(request, name, None, endpoint)
+
+    async def versioned(request: Request, name: str = NAME, version: str = VERSION) -> Response:
+        return await _handle(request, name, version, endpoint)
+
+    router.add_api_route(f"/{{name}}/{endpoint.name}", latest, methods=["POST"], summary=endpoint.summary,
+                         description=description + "\n\nAnswered by the model's latest version.",
+                         operation_id=endpoint.name, responses=responses, openapi_extra=extra,
+                         response_model=None)
+    router.add_api_route(f"/{{name}}/versions/{{version}}/{endpoint.name}", versioned, methods=["POST"],
+                         summary=endpoint.summary + " (one version)", description=description,
+                         operation_id=f"{endpoint.name}_version", responses=responses, openapi_extra=extra,
+                         response_model=None)
+
+
+for _endpoint in ENDPOINTS:
+    _register(_endpoint)

@@ -1,0 +1,121 @@
+"""``flowserve serve``: run the HTTP service with uvicorn.
+
+Options override the ``FLOWSERVE_*`` environment variables of the same names (see
+:mod:`service.settings`); anything not given falls back to the environment, then to the defaults.
+
+Shutdown: on SIGTERM (or Ctrl-C) ``/readyz`` turns 503 at once; after ``--drain-delay-s`` (default
+0, for load balancers to notice) the listener closes, requests in flight and everything the worker
+accepted are answered, and the process exits 0. A second signal stops waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any, Callable
+
+__all__ = ["add_parser", "run"]
+
+#: CLI option -> Settings field (type for argparse)
+OPTIONS: dict[str, tuple[type, str]] = {
+    "model_dir": (str, "the model repository (FLOWSERVE_MODEL_DIR, default: models)"),
+    "models": (str, "comma-separated models to load (FLOWSERVE_MODELS, default: all)"),
+    "host": (str, "interface to listen on (FLOWSERVE_HOST, default: 127.0.0.1)"),
+    "port": (int, "TCP port (FLOWSERVE_PORT, default: 8000)"),
+    "device": (str, "auto | cpu | cuda | cuda:N (FLOWSERVE_DEVICE, default: auto)"),
+    "log_level": (str, "critical | error | warning | info | debug | trace (FLOWSERVE_LOG_LEVEL, default: info)"),
+    "max_batch_rows": (int, "most rows in one batched model call (default: 8192)"),
+    "max_wait_ms": (float, "extra wait to grow a batch, ms (default: 0)"),
+    "max_queue_rows": (int, "rows waiting in the queues before 503 (default: 1000000)"),
+    "request_timeout_s": (float, "per-request deadline, s; 504 past it (default: 30)"),
+    "max_rows": (int, "most rows per request; 413 above (default: 1000000)"),
+    "max_samples": (int, "largest n per sample request; 413 above (default: 1000000)"),
+    "max_body_bytes": (int, "largest request body, bytes; 413 above (default: 268435456)"),
+    "drain_delay_s": (float, "on SIGTERM, answer /readyz 503 this long before closing the listener (default: 0)"),
+}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve", help="serve the models of a repository over HTTP",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for field, (kind, text) in OPTIONS.items():
+        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _make_server(config: Any, on_signal: Callable[[], None], drain_delay_s: float) -> Any:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, with readiness turned off first and an optional delay before closing."""
+
+        _draining = False
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self._draining:  # a second signal: stop waiting (SIGINT forces, as in uvicorn)
+                self.should_exit = True
+                if sig == signal.SIGINT:
+                    self.force_exit = True
+                return
+            self._draining = True
+            on_signal()
+            if drain_delay_s > 0:
+                timer = threading.Timer(drain_delay_s, self._exit)
+                timer.daemon = True
+                timer.start()
+            else:
+                self._exit()
+
+        def _exit(self) -> None:
+            self.should_exit = True
+
+    return GracefulServer(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(**{field: getattr(args, field, None) for field in OPTIONS})
+    except SettingsError as e:
+        print(f"flowserve serve: {e}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from ..api import create_app
+
+    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except SettingsError as e:
+        print(f"flowserve serve: {e}", file=sys.stderr)
+        return 2
+    state = app.state.flowserve
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=int(settings.request_timeout_s + 10), server_header=False,
+    )
+    server = _make_server(config, state.begin_drain, settings.drain_delay_s)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.commands.serve [options]``: the subcommand alone."""
+    parser = argparse.ArgumentParser(prog="flowserve")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

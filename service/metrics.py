@@ -1,0 +1,117 @@
+"""Prometheus metrics of one server, on its own :class:`CollectorRegistry` (no global state).
+
+Named by Prometheus conventions (base units, ``_total`` for counters, ``_seconds`` for times):
+
+| metric                                  | type      | labels                               |
+|-----------------------------------------|-----------|--------------------------------------|
+| ``flowserve_requests_total``            | counter   | model, version, operation, status    |
+| ``flowserve_request_duration_seconds``  | histogram | model, operation                     |
+| ``flowserve_requests_in_flight``        | gauge     | (none)                               |
+| ``flowserve_rows_total``                | counter   | model, operation (rows answered)     |
+| ``flowserve_queue_wait_seconds``        | histogram | model, pass (encode / decode)        |
+| ``flowserve_batch_compute_seconds``     | histogram | model, pass                          |
+| ``flowserve_batch_rows``                | histogram | model, pass (its ``_count`` = batches) |
+| ``flowserve_batch_requests``            | histogram | model, pass (requests per batch)     |
+| ``flowserve_queue_rows``                | gauge     | (none): rows waiting in the worker   |
+| ``flowserve_models_ready``              | gauge     | (none): 1 when every model is loaded |
+
+:class:`Metrics` is also the device worker's :class:`~service.batching.BatchObserver`. Model
+labels are only ever names of served models (a request for an unknown model counts as
+``model="_unknown"``), so clients cannot grow the label sets.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Hashable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestRecord", "UNKNOWN_MODEL"]
+
+UNKNOWN_MODEL = "_unknown"
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROW_BUCKETS = tuple(float(1 << k) for k in range(0, 21, 1))  # 1 .. 1M rows
+REQUEST_BUCKETS = tuple(float(1 << k) for k in range(0, 13))  # 1 .. 4096 requests
+
+
+def _model_label(key: Hashable) -> str:
+    name = getattr(key, "name", None)
+    if name is None and isinstance(key, tuple) and key:
+        name = key[0]
+    return str(name if name is not None else key)
+
+
+class RequestRecord:
+    """What one request reports when it ends (filled in as the handler learns it)."""
+
+    __slots__ = ("model", "version", "operation", "status", "rows")
+
+    def __init__(self, operation: str) -> None:
+        self.model = UNKNOWN_MODEL
+        self.version = ""
+        self.operation = operation
+        self.status = 500
+        self.rows = 0
+
+
+class Metrics:
+    """The server's metrics and the worker's observer."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("flowserve_requests", "Requests answered, by model, version, operation and HTTP status.",
+                                ["model", "version", "operation", "status"], registry=r)
+        self.duration = Histogram("flowserve_request_duration_seconds", "Time from request start to its answer.",
+                                  ["model", "operation"], buckets=DURATION_BUCKETS, registry=r)
+        self.in_flight = Gauge("flowserve_requests_in_flight", "Operation requests being handled now.", registry=r)
+        self.rows = Counter("flowserve_rows", "Rows answered (inputs, latents or samples).",
+                            ["model", "operation"], registry=r)
+        self.queue_wait = Histogram("flowserve_queue_wait_seconds", "Time a request waited before its first batch.",
+                                    ["model", "pass"], buckets=WAIT_BUCKETS, registry=r)
+        self.batch_compute = Histogram("flowserve_batch_compute_seconds", "Time one batched model call took.",
+                                       ["model", "pass"], buckets=DURATION_BUCKETS, registry=r)
+        self.batch_rows = Histogram("flowserve_batch_rows", "Rows in one batched model call.",
+                                    ["model", "pass"], buckets=ROW_BUCKETS, registry=r)
+        self.batch_requests = Histogram("flowserve_batch_requests", "Requests whose rows shared one batched call.",
+                                        ["model", "pass"], buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_rows = Gauge("flowserve_queue_rows", "Rows waiting in the device worker's queues.", registry=r)
+        self.models_ready = Gauge("flowserve_models_ready", "1 when every configured model is loaded, else 0.",
+                                  registry=r)
+
+    # -- requests --------------------------------------------------------------------------------
+    @contextmanager
+    def track(self, operation: str) -> Iterator[RequestRecord]:
+        """Count one operation request; the handler fills in model, version, status and rows."""
+        record = RequestRecord(operation)
+        start = time.perf_counter()
+        self.in_flight.inc()
+        try:
+            yield record
+        finally:
+            self.in_flight.dec()
+            self.requests.labels(record.model, record.version, operation, str(record.status)).inc()
+            self.duration.labels(record.model, operation).observe(time.perf_counter() - start)
+            if record.status == 200 and record.rows:
+                self.rows.labels(record.model, operation).inc(record.rows)
+
+    # -- BatchObserver ---------------------------------------------------------------------------
+    def on_batch(self, key: Hashable, pass_: object, rows: int, requests: int, compute_seconds: float) -> None:
+        model, kind = _model_label(key), str(getattr(pass_, "value", pass_))
+        self.batch_rows.labels(model, kind).observe(rows)
+        self.batch_requests.labels(model, kind).observe(requests)
+        self.batch_compute.labels(model, kind).observe(compute_seconds)
+
+    def on_dequeue(self, key: Hashable, pass_: object, queue_wait_seconds: float) -> None:
+        self.queue_wait.labels(_model_label(key), str(getattr(pass_, "value", pass_))).observe(queue_wait_seconds)
+
+    def on_queue_depth(self, rows: int) -> None:
+        self.queue_rows.set(rows)
+
+    # -- exposition ------------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,167 @@
+"""The service's configuration: one object, read from ``FLOWSERVE_*`` environment variables.
+
+Every variable of the HTTP contract's *Configuration* section is here, plus where to listen and
+how much to log. ``flowserve serve`` options override the environment; both are validated when the
+server starts, so a bad value stops it with a message that names the variable and what is wrong.
+
+| variable                       | default        | meaning                                                       |
+|--------------------------------|----------------|---------------------------------------------------------------|
+| ``FLOWSERVE_MODEL_DIR``        | ``models``     | the model repository (one folder per model, one per version)  |
+| ``FLOWSERVE_MODELS``           | all            | comma-separated names to load; every version of each is loaded |
+| ``FLOWSERVE_DEVICE``           | ``auto``       | ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` |
+| ``FLOWSERVE_HOST``             | ``127.0.0.1``  | interface to listen on (``0.0.0.0`` in the container)          |
+| ``FLOWSERVE_PORT``             | ``8000``       | TCP port                                                      |
+| ``FLOWSERVE_LOG_LEVEL``        | ``info``       | ``critical`` .. ``debug``, ``trace``                           |
+| ``FLOWSERVE_MAX_BATCH_ROWS``   | ``8192``       | most rows in one batched model call                           |
+| ``FLOWSERVE_MAX_WAIT_MS``      | ``0``          | extra wait to grow a batch (Triton's ``max_queue_delay``)      |
+| ``FLOWSERVE_MAX_QUEUE_ROWS``   | ``1000000``    | rows waiting in the worker's queues; past it: 503 + Retry-After |
+| ``FLOWSERVE_REQUEST_TIMEOUT_S``| ``30``         | each request's deadline; a batch not run by then: 504          |
+| ``FLOWSERVE_MAX_ROWS``         | ``1000000``    | most rows in one request (413 above)                          |
+| ``FLOWSERVE_MAX_SAMPLES``      | ``1000000``    | largest ``n`` of one sample request (413 above)               |
+| ``FLOWSERVE_MAX_BODY_BYTES``   | ``268435456``  | largest request body, 256 MiB (413 above)                     |
+| ``FLOWSERVE_DRAIN_DELAY_S``    | ``0``          | on SIGTERM, answer ``/readyz`` 503 this long before closing the listener |
+| ``FLOWSERVE_API_KEYS``         | none           | comma-separated API keys (reserved: enforced by the auth layer) |
+| ``FLOWSERVE_ADMIN_KEY``        | none           | the admin key (reserved: enforced by the auth layer)          |
+
+``max_rows`` and ``max_samples`` may not exceed ``max_queue_rows``: a request larger than the whole
+queue could never be accepted, and would be answered 503 forever instead of 413 once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .artifact import check_name
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+MiB = 1 << 20
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class SettingsError(ValueError):
+    """The configuration is invalid; the message lists every bad variable and why."""
+
+
+def _split_names(value: Any) -> Any:
+    """``"a, b"`` -> ``["a", "b"]``; lists pass through; empty -> ``[]``."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the server needs to know at start; immutable once built."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWSERVE_", extra="forbid", frozen=True)
+
+    model_dir: Path = Field(Path("models"), description="The model repository folder.")
+    models: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Names of the models to load (every version of each); None loads all."
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (mps where torch has it).")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    max_batch_rows: int = Field(8192, ge=1, description="Most rows in one batched model call.")
+    max_wait_ms: float = Field(0.0, ge=0.0, le=60_000.0, description="Extra wait to grow a batch, ms.")
+    max_queue_rows: int = Field(1_000_000, ge=1, description="Bound on rows waiting in the worker's queues.")
+    request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="Per-request deadline, seconds.")
+    max_rows: int = Field(1_000_000, ge=1, description="Most rows (inputs or latents) in one request.")
+    max_samples: int = Field(1_000_000, ge=1, description="Largest n of one sample request.")
+    max_body_bytes: int = Field(256 * MiB, ge=1024, description="Largest request body in bytes.")
+    drain_delay_s: float = Field(0.0, ge=0.0, le=600.0, description="Readiness-off period before shutdown.")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="API keys (reserved).")
+    admin_key: SecretStr | None = Field(None, description="Admin key (reserved).")
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_names(value)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            return None
+        for name in value:
+            check_name(name)
+        if len(set(value)) != len(value):
+            raise ValueError("names a model twice")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{str(value)!r} is not a directory (create it or point FLOWSERVE_MODEL_DIR elsewhere)")
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> "Settings":
+        if self.max_rows > self.max_queue_rows:
+            raise ValueError(
+                f"max_rows ({self.max_rows}) exceeds max_queue_rows ({self.max_queue_rows}): such requests could never be queued"
+            )
+        if self.max_samples > self.max_queue_rows:
+            raise ValueError(
+                f"max_samples ({self.max_samples}) exceeds max_queue_rows ({self.max_queue_rows}): such requests could never be queued"
+            )
+        return self
+
+    def resolve_device(self) -> Any:
+        """The ``torch.device`` to serve on: ``auto`` picks CUDA when available, else the CPU.
+
+        Raises :class:`SettingsError` when the named device does not exist on this machine.
+        """
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SettingsError(f"FLOWSERVE_DEVICE={self.device}: CUDA is not available on this machine")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise SettingsError(
+                    f"FLOWSERVE_DEVICE={self.device}: only {torch.cuda.device_count()} CUDA device(s) present"
+                )
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise SettingsError(f"FLOWSERVE_DEVICE={self.device}: MPS is not available on this machine")
+        return device
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment with ``overrides`` (e.g. CLI options) on top.
+
+    ``None`` overrides are ignored, so unset CLI options fall back to the environment. Raises
+    :class:`SettingsError` with one line per invalid variable.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            variable = f"FLOWSERVE_{field.upper()}" if err["loc"] else "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{variable}: {msg}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

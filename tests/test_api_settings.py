@@ -1,0 +1,85 @@
+"""Configuration: FLOWSERVE_* variables and ``flowserve serve`` options, validated at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.api import create_app
+from service.settings import Settings, SettingsError, load_settings
+from tests.server import ROOT
+
+pytest_plugins = ["tests.fixtures_server"]
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    s = Settings()
+    assert (s.model_dir, s.models, s.device, s.host, s.port) == (Path("models"), None, "auto", "127.0.0.1", 8000)
+    assert (s.max_batch_rows, s.max_wait_ms, s.max_queue_rows) == (8192, 0.0, 1_000_000)
+    assert (s.request_timeout_s, s.max_rows, s.max_samples, s.max_body_bytes) == (30.0, 1_000_000, 1_000_000, 256 << 20)
+    assert s.drain_delay_s == 0.0 and s.api_keys == [] and s.admin_key is None
+
+
+def test_environment_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWSERVE_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("FLOWSERVE_MODELS", "moons, digits-cond")
+    monkeypatch.setenv("FLOWSERVE_DEVICE", "CUDA:1")
+    monkeypatch.setenv("FLOWSERVE_MAX_WAIT_MS", "2.5")
+    s = load_settings(port=9000, max_rows=None)
+    assert s.models == ["moons", "digits-cond"] and s.device == "cuda:1" and s.max_wait_ms == 2.5
+    assert s.port == 9000 and s.max_rows == 1_000_000 and s.model_dir == tmp_path
+    assert load_settings(models="").models is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"device": "tpu"}, "FLOWSERVE_DEVICE: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ({"models": "../etc"}, "FLOWSERVE_MODELS: invalid model name '../etc'"),
+    ({"models": "a,a"}, "FLOWSERVE_MODELS: names a model twice"),
+    ({"model_dir": "/no/such/dir"}, "FLOWSERVE_MODEL_DIR: '/no/such/dir' is not a directory"),
+    ({"port": 70000}, "FLOWSERVE_PORT"),
+    ({"max_batch_rows": 0}, "FLOWSERVE_MAX_BATCH_ROWS"),
+    ({"max_wait_ms": -1}, "FLOWSERVE_MAX_WAIT_MS"),
+    ({"request_timeout_s": 0}, "FLOWSERVE_REQUEST_TIMEOUT_S"),
+    ({"max_body_bytes": "lots"}, "FLOWSERVE_MAX_BODY_BYTES"),
+    ({"log_level": "loud"}, "FLOWSERVE_LOG_LEVEL"),
+    ({"max_rows": 10, "max_queue_rows": 5}, "max_rows (10) exceeds max_queue_rows (5)"),
+    ({"max_samples": 10, "max_rows": 5, "max_queue_rows": 5}, "max_samples (10) exceeds max_queue_rows (5)"),
+])
+def test_invalid_settings_name_the_variable(tmp_path: Path, overrides: dict, message: str) -> None:
+    overrides.setdefault("model_dir", str(tmp_path))
+    with pytest.raises(SettingsError) as err:
+        load_settings(**overrides)
+    assert message in str(err.value)
+
+
+def test_keys_are_refused_until_enforced(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not enforce keys"):
+        create_app(load_settings(model_dir=str(tmp_path), api_keys="k1"))
+
+
+def test_each_app_has_its_own_metrics(tmp_path: Path) -> None:
+    a = create_app(load_settings(model_dir=str(tmp_path)))
+    b = create_app(load_settings(model_dir=str(tmp_path)))
+    ma, mb = a.state.flowserve.metrics, b.state.flowserve.metrics
+    ma.requests.labels("m", "1", "log_prob", "200").inc()
+    assert ma.registry is not mb.registry
+    assert b'flowserve_requests_total{model="m"' in ma.render()
+    assert b'flowserve_requests_total{model="m"' not in mb.render()
+
+
+def test_serve_refuses_bad_configuration(model_repo: Path) -> None:
+    env = {"FLOWSERVE_MODEL_DIR": str(model_repo), "FLOWSERVE_DEVICE": "tpu", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "service", "serve", "--port", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "FLOWSERVE_DEVICE: 'tpu' is not one of auto, cpu, cuda, cuda:N" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "service", "serve", "--models", "moons,nothere",
+                           "--port", "0", "--device", "cpu"], cwd=ROOT, env={**env, "FLOWSERVE_DEVICE": "cpu"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3  # uvicorn's status for a failed application startup
+    assert "no model ['nothere'] in the repository" in done.stderr + done.stdout
