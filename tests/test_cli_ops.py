@@ -160,10 +160,17 @@ def test_score_conditional_context_by_column_file_and_npz(model_repo: Path, serv
     np.testing.assert_allclose(b["log_prob"], expected["log_prob"], rtol=1e-5)
     assert b["is_anomaly"][0] and expected["is_anomaly"][0]
 
-    npz = cli("score", tmp_path / "both.npz", "--model", "cond", "--model-dir", model_repo, "-q")
-    assert npz.returncode == 0, npz.stderr
-    np.testing.assert_allclose(floats(read_csv(_write(tmp_path / "c.csv", npz.stdout))["log_prob"]),
-                               b["log_prob"], rtol=1e-5)
+    table = np.empty(len(x), dtype=[("c1", "f8"), ("x1", "f4"), ("x0", "f8"), ("c0", "i8"), ("c2", "f8")])
+    for j, name in enumerate(["x0", "x1"]):
+        table[name] = x[:, j]
+    for j, name in enumerate(["c0", "c1", "c2"]):
+        table[name] = c[:, j]
+    np.save(tmp_path / "table.npy", table)
+    for source in ("both.npz", "table.npy"):  # the same CLI code in this process, to save a start-up
+        out = tmp_path / f"{source}.csv"
+        assert main(["score", str(tmp_path / source), "--model", "cond", "--model-dir", str(model_repo),
+                     "-q", "-o", str(out)]) == 0
+        np.testing.assert_allclose(floats(read_csv(out)["log_prob"]), b["log_prob"], rtol=1e-5)
 
 
 # -- sample ------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class RemoteModel:
         self.name = str(card["name"])
         self.version = int(card["version"])
         self.feature_names = list(card["feature_names"])
-        self.context_names = _context_names(card)
+        self.context_names = list(card["context_names"])
 
     def score(self, inputs: np.ndarray, context: np.ndarray | None, alpha: float | None) -> dict[str, Any]:
         return self.client.score(self.name, inputs, context=context, alpha=alpha, version=self.version)
@@ -126,15 +126,6 @@ class RemoteModel:
                context: np.ndarray | None) -> dict[str, np.ndarray]:
         return self.client.sample(self.name, n, seed=seed, temperature=temperature, context=context,
                                   return_log_prob=True, version=self.version)
-
-
-def _context_names(card: dict[str, Any]) -> list[str]:
-    for key in ("context_names", "context_features"):
-        value = card.get(key)
-        if isinstance(value, list):
-            return [str(v) for v in value]
-    count = card.get("context_features") or 0
-    return [f"c{i}" for i in range(int(count))]
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, version: bool = True) -> None:
@@ -190,33 +181,31 @@ def progress(total: int, quiet: bool, unit: str = "rows") -> Any:
 
 
 # -- reading rows ------------------------------------------------------------------------------------
-def read_rows(path: Path, feature_names: Sequence[str],
-              context_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows ``(n, D)`` and, where the file names them, context rows ``(n, C)`` from ``path``."""
+def read_rows(path: Path, names: Sequence[str], context_names: Sequence[str] = (),
+              key: str = "inputs") -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows ``(n, len(names))`` and, where the file holds them, context rows ``(n, C)`` from ``path``.
+
+    ``key`` is the array of an ``.npz`` to read (its only array will do), and names the rows in messages.
+    """
     suffix = path.suffix.lower()
     if suffix == ".csv":
         header, values = _read_csv(path)
-        return _by_name(path, header, values, feature_names, context_names)
+        return _by_name(path, header, values, names, context_names, key)
     if suffix == ".npy":
         arr = _load_npy(path)
         if arr.dtype.names:
-            values = np.stack([arr[n].astype(np.float64) for n in arr.dtype.names], axis=1) if arr.size else \
-                np.zeros((0, len(arr.dtype.names)))
-            return _by_name(path, list(arr.dtype.names), values, feature_names, context_names)
-        return _matrix(path, arr, len(feature_names), "inputs"), None
+            columns = [np.asarray(arr[n], dtype=np.float64).reshape(-1) for n in arr.dtype.names]
+            return _by_name(path, list(arr.dtype.names), np.stack(columns, axis=1), names, context_names, key)
+        return _matrix(path, arr, len(names), key), None
     if suffix == ".npz":
         with _load_npz(path) as npz:
-            keys = list(npz.files)
-            if "inputs" in keys:
-                inputs = npz["inputs"]
-            elif len(keys) == 1:
-                inputs = npz[keys[0]]
-            else:
-                raise CommandError(f"{path}: expected an array named 'inputs' (found {keys})")
-            context = npz["context"] if "context" in keys else None
-        x = _matrix(path, inputs, len(feature_names), "inputs")
-        c = None if context is None else _matrix(path, context, len(context_names), "context")
-        return x, c
+            files = list(npz.files)
+            if key not in files and len(files) != 1:
+                raise CommandError(f"{path}: expected an array named {key!r} (found {files})")
+            rows = npz[key if key in files else files[0]]
+            context = npz["context"] if context_names and "context" in files else None
+        x = _matrix(path, rows, len(names), key)
+        return x, None if context is None else _matrix(path, context, len(context_names), "context")
     raise CommandError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .npy or .npz")
 
 
@@ -224,25 +213,7 @@ def read_context(path: Path, context_names: Sequence[str]) -> np.ndarray:
     """Context rows ``(n, C)`` (or one row, for every input) from a ``.csv`` / ``.npy`` / ``.npz`` file."""
     if not context_names:
         raise CommandError("this model takes no context")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        header, values = _read_csv(path)
-        c, _ = _by_name(path, header, values, context_names, [])
-        return c
-    if suffix == ".npy":
-        arr = _load_npy(path)
-        if arr.dtype.names:
-            values = np.stack([arr[n].astype(np.float64) for n in arr.dtype.names], axis=1)
-            c, _ = _by_name(path, list(arr.dtype.names), values, context_names, [])
-            return c
-        return _matrix(path, arr, len(context_names), "context")
-    if suffix == ".npz":
-        with _load_npz(path) as npz:
-            key = "context" if "context" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
-            if key is None:
-                raise CommandError(f"{path}: expected an array named 'context' (found {list(npz.files)})")
-            return _matrix(path, npz[key], len(context_names), "context")
-    raise CommandError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .npy or .npz")
+    return read_rows(path, context_names, key="context")[0]
 
 
 def parse_context(text: str, context_names: Sequence[str]) -> np.ndarray:
@@ -345,25 +316,22 @@ def _number(v: str) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _by_name(path: Path, header: list[str], values: np.ndarray, feature_names: Sequence[str],
-             context_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+def _by_name(path: Path, header: list[str], values: np.ndarray, names: Sequence[str],
+             context_names: Sequence[str], key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The columns ``names`` (and, if present, all of ``context_names``) of a table with ``header``."""
     if len(set(header)) != len(header):
         raise CommandError(f"{path}: repeated column names in {header}")
     index = {name: i for i, name in enumerate(header)}
-    missing = [n for n in feature_names if n not in index]
-    unknown = [n for n in header if n not in feature_names and n not in context_names]
+    missing = [n for n in names if n not in index]
+    unknown = [n for n in header if n not in names and n not in context_names]
     if missing or unknown:
-        what = []
-        if missing:
-            what.append(f"missing column(s) {missing}")
-        if unknown:
-            what.append(f"unknown column(s) {unknown}")
-        expected = f"the model's features are {list(feature_names)}"
+        what = [f"{label} column(s) {cols}" for label, cols in (("missing", missing), ("unknown", unknown)) if cols]
+        expected = f"expected {key} columns {list(names)}"
         if context_names:
-            expected += f" and its context {list(context_names)}"
+            expected += f" and context columns {list(context_names)}"
         raise CommandError(f"{path}: {', '.join(what)}; {expected}")
-    x = values[:, [index[n] for n in feature_names]]
-    _check_finite(path, x, "inputs")
+    x = values[:, [index[n] for n in names]]
+    _check_finite(path, x, key)
     present = [n for n in context_names if n in index]
     if not present:
         return x, None
