@@ -12,9 +12,6 @@ from service.api import create_app
 from service.settings import Settings, SettingsError, load_settings
 from tests.server import ROOT
 
-pytest_plugins = ["tests.fixtures_server"]
-
-
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -72,14 +69,28 @@ def test_each_app_has_its_own_metrics(tmp_path: Path) -> None:
     assert b'flowserve_requests_total{model="m"' not in mb.render()
 
 
-def test_serve_refuses_bad_configuration(model_repo: Path) -> None:
-    env = {"FLOWSERVE_MODEL_DIR": str(model_repo), "FLOWSERVE_DEVICE": "tpu", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "service", "serve", "--port", "0"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "FLOWSERVE_DEVICE: 'tpu' is not one of auto, cpu, cuda, cuda:N" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "service", "serve", "--models", "moons,nothere",
-                           "--port", "0", "--device", "cpu"], cwd=ROOT, env={**env, "FLOWSERVE_DEVICE": "cpu"},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 3  # uvicorn's status for a failed application startup
-    assert "no model ['nothere'] in the repository" in done.stderr + done.stdout
+@pytest.mark.parametrize("argv, env, message", [
+    (["--port", "0"], {"FLOWSERVE_DEVICE": "tpu"}, "FLOWSERVE_DEVICE: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    (["--device", "cuda:99", "--port", "0"], {}, "FLOWSERVE_DEVICE=cuda:99: "),
+    (["--max-rows", "10", "--max-queue-rows", "5"], {}, "max_rows (10) exceeds max_queue_rows (5)"),
+    (["--model-dir", "/no/such/dir"], {}, "FLOWSERVE_MODEL_DIR: '/no/such/dir' is not a directory"),
+], ids=["device", "missing-device", "limits", "model-dir"])
+def test_serve_refuses_bad_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], argv: list[str], env: dict,
+                                         message: str) -> None:
+    from service.cli import main
+
+    monkeypatch.setenv("FLOWSERVE_MODEL_DIR", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", *argv]) == 2  # before anything starts
+    err = capsys.readouterr().err
+    assert err.startswith("flowserve serve: ") and message in err
+
+
+def test_serve_stops_when_a_chosen_model_is_missing(tmp_path: Path) -> None:
+    env = {"FLOWSERVE_MODEL_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "service", "serve", "--models", "moons,nothere", "--device", "cpu",
+                           "--port", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr  # uvicorn's status for a failed application startup
+    assert "no model ['moons', 'nothere'] in the repository" in done.stderr

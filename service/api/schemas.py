@@ -9,7 +9,7 @@ Two roles:
   the hot path converts rows with numpy (:mod:`service.api.rows`), which is orders of magnitude
   faster than a pydantic model per number, and answers are written by orjson.
 
-Examples work against the default models: ``moons`` (2 features ``x0``, ``x1``), ``digits``
+Examples work against the default models: ``moons`` (2 features ``x``, ``y``), ``digits``
 (64 features, 8×8 images with values 0..16) and ``digits-cond`` (the same with a 10-way one-hot
 ``context`` naming the digit).
 """
@@ -54,7 +54,7 @@ NullableRow = list[float | None]
 
 ROWS_DOC = (
     "Rows of numbers, one list per row, in the model's feature order (`[[x11, x12], [x21, x22]]`), "
-    "or records keyed by feature name (`[{\"x0\": 0.5, \"x1\": 0.25}]`, every name required, no extras). "
+    "or records keyed by feature name (`[{\"x\": 0.5, \"y\": 0.25}]`, every name required, no extras). "
     "Numbers must be finite; `true`/`false` count as 1/0."
 )
 CONTEXT_DOC = (
@@ -163,7 +163,7 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
 def request_examples(operation: str) -> dict[str, dict[str, Any]]:
     """Named examples of an operation's body for the default models (``moons``, ``digits-cond``)."""
     moons_rows = [[0.5, 0.25], [1.0, -0.5]]
-    moons_records = [{"x0": 0.5, "x1": 0.25}, {"x0": 1.0, "x1": -0.5}]
+    moons_records = [{"x": 0.5, "y": 0.25}, {"x": 1.0, "y": -0.5}]
     if operation in ("log_prob", "inverse"):
         return {
             "moons": {"summary": "moons: two rows", "value": {"inputs": moons_rows}},
@@ -175,7 +175,8 @@ def request_examples(operation: str) -> dict[str, dict[str, Any]]:
     if operation == "score":
         return {
             "moons": {"summary": "moons: a typical and an odd row", "value": {"inputs": [[0.5, 0.25], [3.0, 3.0]]}},
-            "moons-alpha": {"summary": "moons: at alpha 0.05", "value": {"inputs": moons_records, "alpha": 0.05}},
+            "moons-records-alpha": {"summary": "moons: records, at alpha 0.05",
+                                    "value": {"inputs": moons_records, "alpha": 0.05}},
             "digits-cond": {"summary": "digits-cond: an image scored as a zero",
                             "value": {"inputs": [DIGIT_ZERO], "context": [ONE_HOT_ZERO]}},
         }
@@ -299,7 +300,7 @@ class CalibrationSummary(BaseModel):
 
 
 class ModelCard(ModelSummary):
-    feature_names: list[str] = Field(..., examples=[["x0", "x1"]])
+    feature_names: list[str] = Field(..., examples=[["x", "y"]])
     context_names: list[str] = Field(..., examples=[[]])
     description: str = ""
     dtype: str = Field(..., examples=["float32"])

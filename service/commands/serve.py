@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        settings.resolve_device()  # a missing CUDA device is a configuration error, said before starting
         app = create_app(settings)
     except SettingsError as e:
         print(f"flowserve serve: {e}", file=sys.stderr)
