@@ -276,3 +276,57 @@ def test_async_client_gives_the_same_answers(server: ServerProcess, fs: Client) 
     np.testing.assert_array_equal(cond, fs.log_prob("cond", X, context=CTX))
     np.testing.assert_allclose(out["forward"]["outputs"], X, atol=1e-4)
     assert out["missing"].status == 404 and "nope" in out["missing"].detail
+
+
+# -- the documentation's examples -------------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "client.md"
+DOCS_URL = "http://127.0.0.1:8000"
+
+
+@pytest.fixture(scope="module")
+def default_like_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models named and shaped as the default ones (same data, a few seconds of training)."""
+    import torch
+
+    from service.default_models import DEFAULT_MODELS
+    from service.train_run import train_and_save
+    from service.training import TrainConfig
+
+    torch.set_num_threads(1)
+    repo = tmp_path_factory.mktemp("default-like")
+    config = TrainConfig(flow="nsf", transforms=2, hidden_features=[16, 16], epochs=2, batch_size=256, seed=0)
+    for name, spec in DEFAULT_MODELS.items():
+        train_and_save(spec.data(), name, repo, config, dequantize_data=spec.dequantize, alpha=spec.alpha)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def default_like_server(default_like_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    from tests.server import start_server
+
+    proc = start_server(default_like_repo, tmp_path_factory.mktemp("default-like-server"))
+    yield proc
+    proc.terminate()
+
+
+def test_docs_examples_run(default_like_server: ServerProcess, default_like_repo: Path, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    import shlex
+
+    from service.cli import main
+
+    text = DOCS.read_text().replace(DOCS_URL, default_like_server.url)
+    python = re.findall(r"```python\n(.*?)```", text, re.S)
+    shell = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines() if line.startswith("flowserve ")]
+    assert len(python) >= 4 and len(shell) >= 8
+    for block in python:
+        exec(compile(block, str(DOCS), "exec"), {"__name__": "docs_example"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLOWSERVE_MODEL_DIR", str(default_like_repo))
+    for line in shell:  # the CLI's own code, in this process
+        assert main(shlex.split(line, comments=True)[1:]) == 0, line
+    assert np.load(tmp_path / "threes.npy").shape == (16, 64)
+    assert np.load(tmp_path / "scores.npy")["is_anomaly"].shape == (1000,)
+    assert "Traceback" not in capsys.readouterr().err
