@@ -124,7 +124,9 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
-        kwargs = self.flow.get("kwargs", {}) if isinstance(self.flow, dict) else {}
+        kwargs = self.flow.get("kwargs")
+        if not isinstance(kwargs, dict):
+            raise ValueError("flow.kwargs must be an object")
         d, c = kwargs.get("features"), kwargs.get("context", 0)
         if d != len(self.feature_names):
             raise ValueError(f"flow has {d} features but feature_names has {len(self.feature_names)}")
@@ -175,8 +177,9 @@ def build_model(manifest: Manifest) -> DensityModel:
     """The (untrained) module a manifest describes, in its dtype."""
     dtype = DTYPES[manifest.dtype]
     p = manifest.preprocessing
-    model = DensityModel(manifest.flow, torch.tensor(p.shift, dtype=dtype), torch.tensor(p.scale, dtype=dtype))
-    return model.to(dtype)
+    shift = torch.tensor(p.shift, dtype=torch.float64)
+    scale = torch.tensor(p.scale, dtype=torch.float64)
+    return DensityModel(manifest.flow, shift, scale, dtype=dtype)
 
 
 def read_manifest(version_dir: Path) -> Manifest:

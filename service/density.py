@@ -66,12 +66,17 @@ class DensityModel(nn.Module):
         flow_spec: the allow-listed flow specification (see :mod:`service.flows`).
         shift: per-feature :math:`\\mu`, shape ``(D,)``.
         scale: per-feature :math:`\\sigma > 0`, shape ``(D,)``.
+        dtype: the dtype of the module (default: torch's default dtype); ``shift`` and ``scale``
+            are rounded to it once, from the values given.
     """
 
-    def __init__(self, flow_spec: dict[str, Any], shift: Tensor, scale: Tensor) -> None:
+    def __init__(
+        self, flow_spec: dict[str, Any], shift: Tensor, scale: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        shift = torch.as_tensor(shift, dtype=torch.get_default_dtype()).reshape(-1)
-        scale = torch.as_tensor(scale, dtype=torch.get_default_dtype()).reshape(-1)
+        dtype = dtype or torch.get_default_dtype()
+        shift = torch.as_tensor(shift).to(dtype).reshape(-1)
+        scale = torch.as_tensor(scale).to(dtype).reshape(-1)
         features = int(flow_spec["kwargs"]["features"])
         if shift.shape != (features,) or scale.shape != (features,):
             raise ValueError(f"shift and scale must have shape ({features},)")
@@ -80,7 +85,7 @@ class DensityModel(nn.Module):
         self.flow_spec = flow_spec
         self.features = features
         self.context_features = int(flow_spec["kwargs"].get("context", 0))
-        self.flow = build_flow(flow_spec)
+        self.flow = build_flow(flow_spec).to(dtype)
         self.register_buffer("shift", shift)
         self.register_buffer("scale", scale)
 

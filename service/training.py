@@ -91,7 +91,7 @@ def fit(
     if config.flow.startswith("nsf"):
         options["bins"] = config.bins
     spec = flow_spec(config.flow, x_train.shape[1], context, **options)
-    model = DensityModel(spec, torch.as_tensor(shift), torch.as_tensor(scale)).to(dtype)
+    model = DensityModel(spec, torch.as_tensor(shift), torch.as_tensor(scale), dtype=dtype)
 
     xt = torch.as_tensor(x_train, dtype=dtype)
     xv = torch.as_tensor(x_val, dtype=dtype)
