@@ -24,6 +24,13 @@ from tests.server import ROOT, ServerProcess, free_port
 pytest_plugins = ["tests.fixtures_server"]
 
 
+@pytest.fixture(autouse=True)
+def no_flowserve_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process calls see no $FLOWSERVE_URL / _MODEL_DIR / _API_KEY of the caller's shell."""
+    for name in ("FLOWSERVE_URL", "FLOWSERVE_MODEL_DIR", "FLOWSERVE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m service ARGS`` with no FLOWSERVE_* variables from the caller's environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSERVE_")}

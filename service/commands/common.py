@@ -13,6 +13,7 @@ torch is imported only when a model is loaded in process, so ``--url`` calls sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import io
@@ -128,7 +129,7 @@ class RemoteModel:
                                   return_log_prob=True, version=self.version)
 
 
-def add_source_arguments(parser: argparse.ArgumentParser, version: bool = True) -> None:
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """``--url`` / ``--api-key`` (a server) or ``--model-dir`` / ``--device`` (in process), and ``--version``."""
     group = parser.add_argument_group("where the model is")
     group.add_argument("--url", default=os.environ.get("FLOWSERVE_URL"),
@@ -139,8 +140,7 @@ def add_source_arguments(parser: argparse.ArgumentParser, version: bool = True) 
     group.add_argument("--model-dir", type=Path, default=Path(os.environ.get("FLOWSERVE_MODEL_DIR", "models")),
                        help="model repository when loading in process (default: $FLOWSERVE_MODEL_DIR or ./models)")
     group.add_argument("--device", default="cpu", help="torch device when loading in process (default: cpu)")
-    if version:
-        group.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
+    group.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
 
 
 def client_for(args: argparse.Namespace) -> Any:
@@ -149,10 +149,13 @@ def client_for(args: argparse.Namespace) -> Any:
     return Client(args.url, api_key=args.api_key, timeout=300.0)
 
 
-def open_source(args: argparse.Namespace) -> Source:
+@contextlib.contextmanager
+def open_source(args: argparse.Namespace) -> Iterator[Source]:
     """The model ``args.model`` at ``args.version`` from ``--url`` or, without it, from ``--model-dir``."""
     if args.url:
-        return RemoteModel(client_for(args), args.model, args.version)
+        with client_for(args) as client:
+            yield RemoteModel(client, args.model, args.version)
+        return
     from ..inprocess import LocalModel
     from ..repository import ModelRepository
 
@@ -162,7 +165,7 @@ def open_source(args: argparse.Namespace) -> Source:
     names = repo.names()
     if args.model not in names:
         raise CommandError(f"no model {args.model!r} in {args.model_dir} (it has {names})")
-    return LocalModel(repo.load(args.model, args.version, device=args.device))
+    yield LocalModel(repo.load(args.model, args.version, device=args.device))
 
 
 # -- chunks and progress -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from .common import (
     CommandError,
     add_source_arguments,
     chunks,
+    Source,
     guarded,
     open_source,
     parse_context,
@@ -87,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("give --context or --context-file, not both")
     if args.output is not None and args.output.suffix.lower() not in (".csv", ".npy", ".npz"):
         raise CommandError(f"{args.output}: unsupported output type; use .csv, .npy or .npz")
-    source = open_source(args)
+    with open_source(args) as source:
+        return _sample(args, source)
+
+
+def _sample(args: argparse.Namespace, source: Source) -> int:
     context = None
     if args.context is not None:
         context = parse_context(args.context, source.context_names)

@@ -19,6 +19,7 @@ from .common import (
     CommandError,
     add_source_arguments,
     chunks,
+    Source,
     guarded,
     open_source,
     progress,
@@ -73,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if not args.file.is_file():
         raise CommandError(f"{args.file}: no such file")
-    source = open_source(args)
+    with open_source(args) as source:
+        return _score(args, source)
+
+
+def _score(args: argparse.Namespace, source: Source) -> int:
     x, context = read_rows(args.file, source.feature_names, source.context_names)
     if args.context_file is not None:
         if context is not None:
