@@ -27,7 +27,7 @@ import io
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Union
 
 import httpx
@@ -131,7 +131,8 @@ def _raise_for(response: httpx.Response) -> None:
 class _Call:
     """One request; ``parse`` turns the decoded answer (a dict) into what the method returns.
 
-    ``fallback`` is the same request as plain JSON, sent instead when the server refuses a binary one.
+    ``json_fallback`` builds the body of the same request as plain JSON (only when needed), sent
+    instead when the server refuses a binary body or a binary answer.
     """
 
     method: str
@@ -141,15 +142,18 @@ class _Call:
     params: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     parse: Callable[[Any], Any] = lambda answer: answer
-    fallback: "_Call | None" = None
+    json_fallback: Callable[[], Any] | None = None
 
     def then(self, after: Callable[[Any], Any]) -> "_Call":
-        """This call (and its fallback) with ``after`` applied to what ``parse`` returns."""
+        """This call with ``after`` applied to what ``parse`` returns."""
         before = self.parse
         self.parse = lambda answer: after(before(answer))
-        if self.fallback is not None:
-            self.fallback.then(after)
         return self
+
+    def as_json(self) -> "_Call":
+        """The same request as plain JSON, answered as JSON."""
+        assert self.json_fallback is not None
+        return replace(self, json=self.json_fallback(), content=None, params={}, headers={}, json_fallback=None)
 
 
 NPZ = "application/x-npz"
@@ -228,18 +232,24 @@ class _Operations:
         context = _as_rows(fields.pop("context", None))
         fields = {k: v for k, v in fields.items() if v is not None}
         path = f"{self._base(name, version)}/{op}"
-        body = {main_key: _jsonable(rows), **fields}
-        if context is not None:
-            body["context"] = _jsonable(context)
-        call = _Call("POST", path, json=body, parse=lambda answer: _arrays(answer, array_keys))
+
+        def body() -> dict[str, Any]:
+            out = {main_key: _jsonable(rows), **fields}
+            if context is not None:
+                out["context"] = _jsonable(context)
+            return out
+
+        def parse(answer: Any) -> dict[str, Any]:
+            return _arrays(answer, array_keys)
+
         # .npy bodies carry one array, so requests with context rows stay JSON
         if context is None and isinstance(rows, np.ndarray) and rows.ndim == 2 and self._large(rows.size):
             dtype = rows.dtype if rows.dtype in (np.float32, np.float64) else np.float64
             return _Call(
                 "POST", path, content=_npy_bytes(np.ascontiguousarray(rows, dtype=dtype)), params=fields,
-                headers={"content-type": NPY, "accept": NPZ}, parse=call.parse, fallback=call,
+                headers={"content-type": NPY, "accept": NPZ}, parse=parse, json_fallback=body,
             )
-        return call
+        return _Call("POST", path, json=body(), parse=parse)
 
     def _large(self, values: int) -> bool:
         return self.binary_threshold is not None and values > self.binary_threshold
@@ -303,8 +313,8 @@ class _Operations:
 
         call = _Call("POST", f"{self._base(name, version)}/sample", json=body, parse=parse)
         if self._large(int(n)):
-            call = _Call("POST", call.path, json=body, parse=parse, fallback=call,
-                         headers={"accept": f"{NPZ}, application/json;q=0.5"})
+            call.headers = {"accept": f"{NPZ}, application/json;q=0.5"}
+            call.json_fallback = lambda: body
         return self._run(call)
 
 
@@ -369,9 +379,9 @@ class _Transport(_Operations):
     def _after(self, call: _Call, response: httpx.Response, attempt: int) -> tuple[_Call, float, int] | None:
         """After ``response`` to try ``attempt`` of ``call``: ``(call to send, delay, its attempt)``, or
         ``None`` when ``response`` is the answer (success or error)."""
-        if response.status_code in _NOT_BINARY and call.fallback is not None:
+        if response.status_code in _NOT_BINARY and call.json_fallback is not None:
             self.binary_threshold = None  # this server takes no binary bodies: JSON from now on
-            return call.fallback, 0.0, attempt
+            return call.as_json(), 0.0, attempt
         if response.status_code == 503 and attempt + 1 < self._retry.attempts:
             return call, self._retry.delay(attempt, response), attempt + 1
         return None
