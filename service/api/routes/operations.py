@@ -247,6 +247,8 @@ def _register(endpoint: Endpoint) -> None:
         "examples": request_examples(endpoint.name),
     }}}}
     responses = {200: {"model": endpoint.response}, **_problem_responses()}
+    if endpoint.name != "score":
+        responses.pop(409)
     description = endpoint.description + (
         "\n\nNon-finite numbers in the answer (e.g. `-inf` log-densities far outside the support) are written "
         "as `null`, so the answer is strict JSON."
