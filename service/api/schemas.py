@@ -54,7 +54,7 @@ NullableRow = list[float | None]
 
 ROWS_DOC = (
     "Rows of numbers, one list per row, in the model's feature order (`[[x11, x12], [x21, x22]]`), "
-    "or records keyed by feature name (`[{\"x\": 0.5, \"y\": 0.25}]`, every name required, no extras). "
+    "or records keyed by feature name (`[{\"x\": 0.0, \"y\": 1.0}]`, every name required, no extras). "
     "Numbers must be finite; `true`/`false` count as 1/0."
 )
 CONTEXT_DOC = (
@@ -114,7 +114,7 @@ class LogProbRequest(EncodeParams):
     inputs: Rows = Field(..., description=ROWS_DOC)
     context: Rows | None = Field(None, description=CONTEXT_DOC)
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [[0.5, 0.25], [1.0, -0.5]]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [[0.0, 1.0], [1.0, -0.5]]}]})
 
 
 class InverseRequest(LogProbRequest):
@@ -127,7 +127,7 @@ class ScoreRequest(ScoreParams):
     inputs: Rows = Field(..., description=ROWS_DOC)
     context: Rows | None = Field(None, description=CONTEXT_DOC)
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [[0.5, 0.25], [3.0, 3.0]], "alpha": 0.01}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [[1.0, -0.5], [3.0, 3.0]], "alpha": 0.01}]})
 
 
 class ForwardRequest(ForwardParams):
@@ -162,8 +162,8 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
 
 def request_examples(operation: str) -> dict[str, dict[str, Any]]:
     """Named examples of an operation's body for the default models (``moons``, ``digits-cond``)."""
-    moons_rows = [[0.5, 0.25], [1.0, -0.5]]
-    moons_records = [{"x": 0.5, "y": 0.25}, {"x": 1.0, "y": -0.5}]
+    moons_rows = [[0.0, 1.0], [1.0, -0.5]]
+    moons_records = [{"x": 0.0, "y": 1.0}, {"x": 1.0, "y": -0.5}]
     if operation in ("log_prob", "inverse"):
         return {
             "moons": {"summary": "moons: two rows", "value": {"inputs": moons_rows}},
@@ -174,7 +174,7 @@ def request_examples(operation: str) -> dict[str, dict[str, Any]]:
         }
     if operation == "score":
         return {
-            "moons": {"summary": "moons: a typical and an odd row", "value": {"inputs": [[0.5, 0.25], [3.0, 3.0]]}},
+            "moons": {"summary": "moons: a typical and an odd row", "value": {"inputs": [[1.0, -0.5], [3.0, 3.0]]}},
             "moons-records-alpha": {"summary": "moons: records, at alpha 0.05",
                                     "value": {"inputs": moons_records, "alpha": 0.05}},
             "digits-cond": {"summary": "digits-cond: an image scored as a zero",
