@@ -48,8 +48,9 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
         "#### 1–2. One-row `log_prob`: flowserve (batching on / off) against the HTTP ceiling",
         "",
         "| model | concurrency | ceiling req/s | flowserve req/s | ratio | no-batching req/s | on/off | "
-        "ceiling p50 / p99 ms | flowserve p50 / p99 ms | p99 ratio | no-batching p50 / p99 ms | failed | server cores |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "ceiling p50 / p99 ms | flowserve p50 / p99 ms | p99 ratio | no-batching p50 / p99 ms | rows per batch | "
+        "failed | flowserve CPU (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     by = {(r["model"], r["server"], r["concurrency"]): r for r in s["concurrency"]}
     for model in results["models"]:
@@ -64,7 +65,8 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
                 f"{_f(off and on['rps'] / off['rps'], 1)} | "
                 f"{_f(ceil and ceil['p50_ms'], 1)} / {_f(ceil and ceil['p99_ms'], 1)} | "
                 f"{_f(on['p50_ms'], 1)} / {_f(on['p99_ms'], 1)} | {_f(ceil and on['p99_ms'] / ceil['p99_ms'], 2)} | "
-                f"{_f(off and off['p50_ms'], 1)} / {_f(off and off['p99_ms'], 1)} | {failed} | "
+                f"{_f(off and off['p50_ms'], 1)} / {_f(off and off['p99_ms'], 1)} | "
+                f"{_f(on.get('mean_batch_rows'), 1)} | {failed} | "
                 f"{_f(on['server_cores'], 2)} |"
             )
     gen = [r["generator_cores"] for r in s["concurrency"]]
@@ -120,7 +122,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     models = results["models"]
-    fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 7), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(models), figsize=(max(6.0, 4.2 * len(models)), 7.5), squeeze=False, sharex=True)
     styles = {"ceiling": ("HTTP ceiling (no-op)", "tab:gray", "--"),
               "flowserve": ("flowserve", "tab:blue", "-"),
               "flowserve-nobatch": ("flowserve, max_batch_rows=1", "tab:red", ":")}
@@ -143,7 +145,9 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     axes[1][0].set_ylabel("p99 latency (ms)")
     axes[0][0].legend(fontsize=8)
     m = results["machine"]
-    fig.suptitle(f"flowserve {results['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}", fontsize=10)
+    gpu = f", {m['gpu']['name']}" if m.get("gpu") else ""
+    fig.suptitle(f"flowserve, {results['date']} ({results['device']})\n{m['cpu']}, {m['cores']} cores{gpu}, "
+                 f"torch {m['torch']}, load generator {results['generator']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -60,8 +60,9 @@ class Plan:
     duration: float = 6.0
     warmup: float = 1.0
     bulk_rows: int = 100_000
-    bulk_repeats: int = 2
-    limit_repeats: int = 2
+    bulk_repeats: int = 3
+    limit_repeats: int = 3
+    budget_s: float = 10.0
     mixed_connections: int = 16
     mixed_duration: float = 8.0
     startup_runs: int = 3
@@ -70,7 +71,7 @@ class Plan:
     @classmethod
     def quick(cls) -> "Plan":
         return cls(concurrencies=[1, 16], duration=1.0, warmup=1.0, bulk_rows=2000, bulk_repeats=1,
-                   limit_repeats=1, mixed_connections=2, mixed_duration=1.0, startup_runs=1, idle_seconds=0.5)
+                   limit_repeats=1, budget_s=2.0, mixed_connections=2, mixed_duration=1.0, startup_runs=1, idle_seconds=0.5)
 
 
 def _log(msg: str) -> None:
@@ -159,10 +160,11 @@ def measure_startup(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
 
 def _bulk(server: ServerProcess, path: str, body: bytes, content_type: str, accept: str, rows: int, field: str,
-          repeats: int, limit: float, **labels: Any) -> dict[str, Any]:
+          plan: Plan, limit: float, warm_body: bytes, warm_rows: int, **labels: Any) -> dict[str, Any]:
     """:func:`bench.scenarios.bulk` with its ratio to ``limit``; a refused request is recorded, not fatal."""
     try:
-        row = bulk(server, path, body, content_type, accept, rows, field, repeats, **labels)
+        row = bulk(server, path, body, content_type, accept, rows, field, plan.bulk_repeats, plan.budget_s,
+                   warm_body, warm_rows, **labels)
     except BulkFailed as e:
         _log(f"bulk {labels} FAILED: {e}")
         return {**labels, "path": path, "rows": rows, "request_bytes": len(body), "response_bytes": 0,
@@ -222,8 +224,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             limits[name] = {
                 "features": model.features,
                 "dtype": str(model.dtype).removeprefix("torch."),
-                "log_prob": lim.log_prob_limit(model, data[name], batch_sizes, plan.limit_repeats),
-                "sample": lim.sample_limit(model, plan.bulk_rows, batch_sizes, plan.limit_repeats),
+                "log_prob": lim.log_prob_limit(model, data[name], batch_sizes, plan.limit_repeats, plan.budget_s),
+                "sample": lim.sample_limit(model, plan.bulk_rows, batch_sizes, plan.limit_repeats,
+                                           budget_s=plan.budget_s),
             }
             _log(f"  log_prob {limits[name]['log_prob']['rows_per_s']:,.0f} rows/s, "
                  f"sample {limits[name]['sample']['rows_per_s']:,.0f} rows/s")
@@ -255,32 +258,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row = sweep(servers[kind], request, [c], plan.duration, generator, model=name, server=kind)[0]
                     sweep_rows.append(row)
                     _log(f"{name} c={c:<3} {kind:<17} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-                         f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}  server {row['server_cores']:.2f} cores")
+                         f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}  server {row['server_cores']:.2f} cores"
+                         + (f"  {row['mean_batch_rows']:.1f} rows/batch" if "mean_batch_rows" in row else ""))
         results["scenarios"] = {"concurrency": sweep_rows}
 
         # -- 3, 4: bulk ---------------------------------------------------------------------------
         fs = servers["flowserve"]
         bulk_rows, sample_rows = [], []
         n = plan.bulk_rows
+        warm_n = min(n, 1024)
         for name in names:
             x = data[name]
             paths = _paths(name)
             lp_limit = limits[name]["log_prob"]["rows_per_s"]
             for op in ("log_prob", "score"):
                 for fmt in ("json", "npy"):
-                    if fmt == "json":
-                        body, ctype = rows_json(x), JSON
-                    else:
-                        body, ctype = npy_body(x), NPY
-                    accept = NPY if fmt == "npy" else JSON
-                    row = _bulk(fs, paths[op], body, ctype, accept, n, "log_prob", plan.bulk_repeats, lp_limit,
-                                model=name, op=op, format=fmt)
+                    encode = rows_json if fmt == "json" else npy_body
+                    ctype = JSON if fmt == "json" else NPY
+                    row = _bulk(fs, paths[op], encode(x), ctype, ctype, n, "log_prob", plan, lp_limit,
+                                encode(x[:warm_n]), warm_n, model=name, op=op, format=fmt)
                     bulk_rows.append(row)
             s_limit = limits[name]["sample"]["rows_per_s"]
             for fmt in ("json", "npy"):
                 accept = NPY if fmt == "npy" else JSON
-                row = _bulk(fs, paths["sample"], json_body({"n": n, "seed": 1}), JSON, accept, n, "samples",
-                            plan.bulk_repeats, s_limit, model=name, op="sample", format=fmt)
+                row = _bulk(fs, paths["sample"], json_body({"n": n, "seed": 1}), JSON, accept, n, "samples", plan,
+                            s_limit, json_body({"n": warm_n, "seed": 1}), warm_n,
+                            model=name, op="sample", format=fmt)
                 sample_rows.append(row)
         results["scenarios"]["bulk"] = bulk_rows
         results["scenarios"]["sample"] = sample_rows

@@ -46,6 +46,23 @@ def _row(load: LoadResult, proc: ServerProcess, cpu_before: float, rows_per_requ
     }
 
 
+def batch_counters(proc: ServerProcess) -> tuple[float, float] | None:
+    """``(rows, batches)`` summed over flowserve's ``flowserve_batch_rows`` histogram; None without /metrics."""
+    try:
+        r = httpx.get(proc.url + "/metrics", timeout=5.0)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    rows = batches = 0.0
+    for line in r.text.splitlines():
+        if line.startswith("flowserve_batch_rows_sum"):
+            rows += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("flowserve_batch_rows_count"):
+            batches += float(line.rsplit(" ", 1)[1])
+    return rows, batches
+
+
 def warm_up(server: ServerProcess, request: Request, seconds: float, generator: str) -> None:
     """A short run whose figures are thrown away (first-call costs, allocator, caches)."""
     if seconds > 0:
@@ -57,9 +74,15 @@ def sweep(proc: ServerProcess, request: Request, concurrencies: list[int], durat
     """One closed-loop run per concurrency, same request throughout."""
     out = []
     for c in concurrencies:
+        counters = batch_counters(proc)
         before = proc.cpu_seconds()
         load = run_load(proc.url, request, c, duration, generator)
-        out.append(_row(load, proc, before, rows_per_request, **labels))
+        row = _row(load, proc, before, rows_per_request, **labels)
+        after = batch_counters(proc) if counters else None
+        if counters and after and after[1] > counters[1]:
+            row["batches"] = after[1] - counters[1]
+            row["mean_batch_rows"] = (after[0] - counters[0]) / row["batches"]
+        out.append(row)
     return out
 
 
@@ -95,34 +118,40 @@ def _check_answer(response: httpx.Response, accept: str, field: str, n: int) -> 
 
 
 def bulk(server: ServerProcess, path: str, body: bytes, content_type: str, accept: str, rows: int,
-         field: str, repeats: int, **labels: Any) -> dict:
-    """``repeats`` sequential requests of ``rows`` rows each (after one checked warm-up request).
+         field: str, repeats: int, budget_s: float = 12.0, warm_body: bytes | None = None,
+         warm_rows: int | None = None, **labels: Any) -> dict:
+    """Sequential requests of ``rows`` rows each; the median time of up to ``repeats`` of them.
 
-    The time of one request is from sending the first byte to receiving the last (the client's
-    encoding of the body is done before, its decoding of the answer after).
+    A smaller request (``warm_body`` of ``warm_rows`` rows, else the full one) warms the path first
+    and checks the answer's format. Then full requests are timed, at least one, more only while they
+    stay within ``budget_s``; the first full answer is checked too. The time of one request is from
+    sending the first byte to receiving the last (the client's encoding of the body is done before,
+    its decoding of the answer after).
     """
     headers = {"content-type": content_type, "accept": accept}
-    times = []
+    times: list[float] = []
     with httpx.Client(base_url=server.url, timeout=600.0) as client:
-        first = client.post(path, content=body, headers=headers)
-        _check_answer(first, accept, field, rows)
-        response_bytes = len(first.content)
+        warm = client.post(path, content=warm_body or body, headers=headers)
+        _check_answer(warm, accept, field, warm_rows or rows)
         before = server.cpu_seconds()
-        for _ in range(repeats):
+        first = None
+        while len(times) < max(1, repeats) and (not times or sum(times) * (1 + 1 / len(times)) <= budget_s):
             t0 = time.perf_counter()
             r = client.post(path, content=body, headers=headers)
             times.append(time.perf_counter() - t0)
             if r.status_code != 200:
                 raise BulkFailed(f"{path} answered {r.status_code}: {r.text[:300]}")
+            first = first or r
         cpu = server.cpu_seconds() - before
+    _check_answer(first, accept, field, rows)
     seconds = statistics.median(times)
     return {
         **labels,
         "path": path,
         "rows": rows,
         "request_bytes": len(body),
-        "response_bytes": response_bytes,
-        "repeats": repeats,
+        "response_bytes": len(first.content),
+        "repeats": len(times),
         "seconds": seconds,
         "seconds_all": times,
         "rows_per_s": rows / seconds,
