@@ -13,16 +13,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 from .artifact import check_name, save_artifact
 from .data import Dataset, dequantize, split, validate
-from .density import DensityModel
-from .exactness import certify
+from .exactness import certify, log_probs
 from .training import TrainConfig, fit
 
-__all__ = ["OOD_NOTE", "calibration_log_probs", "train_and_save"]
+__all__ = ["DEQUANTIZE_NOTE", "OOD_NOTE", "train_and_save"]
 
 OOD_NOTE = (
     "Flows can give high density to some out-of-distribution data (Nalisnick et al., 2019): "
@@ -32,17 +28,6 @@ DEQUANTIZE_NOTE = (
     "Trained on dequantized data x + u, u ~ U(0,1) per feature: log_prob is the density of x + u; "
     "the probability of an integer row k is the integral of the density over [k, k + 1)."
 )
-
-
-def calibration_log_probs(model: DensityModel, x: np.ndarray, context: np.ndarray | None = None) -> list[float]:
-    """Log-densities of held-out rows, the calibration set of conformal p-values."""
-    out: list[float] = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], 8192):
-            xi = torch.as_tensor(x[i : i + 8192], dtype=model.dtype, device=model.device)
-            ci = None if context is None else torch.as_tensor(context[i : i + 8192], dtype=model.dtype, device=model.device)
-            out.extend(model.log_prob(xi, ci).double().cpu().tolist())
-    return out
 
 
 def train_and_save(
@@ -64,7 +49,7 @@ def train_and_save(
     """
     check_name(name)
     if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must lie in (0, 1)")
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     validate(data, dequantizing=dequantize_data)
     if dequantize_data:
         data = dequantize(data, config.seed)
@@ -75,7 +60,7 @@ def train_and_save(
 
     result = fit(x_tr, x_va, config, c_tr, c_va, on_epoch=on_epoch)
     model = result.model
-    calibration = calibration_log_probs(model, x_ca, c_ca)
+    calibration = log_probs(model, x_ca, c_ca).tolist()
     exactness = certify(model, x_tr, x_ca, c_tr, c_ca, seed=config.seed)
     d = x.shape[1]
     nll = exactness["nll"]

@@ -89,7 +89,7 @@ def test_bad_data_is_refused_by_the_subprocess_with_status_2(tmp_path: Path) -> 
         ("a,b\n1,2\n3,oops\n", [], "column 'b', line 3: 'oops' is not a number"),
         ("a,b\n" + "".join(f"{i},{i % 3}.5\n" for i in range(60)), ["--dequantize"],
          "--dequantize needs integer data, but feature column 'b', data row 1 is 0.5"),
-        ("a,b\n" + "".join(f"{i},{i % 3}\n" for i in range(60)), ["--alpha", "1.5"], "--alpha must lie in (0, 1)"),
+        ("a,b\n" + "".join(f"{i},{i % 3}\n" for i in range(60)), ["--alpha", "1.5"], "alpha must lie in (0, 1), got 1.5"),
     ],
 )
 def test_bad_data_and_options_are_refused_before_training(

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..artifact import MANIFEST_FILE, check_name
-from ..data import check_integer, load_dataset, parse_columns, validate
+from ..artifact import MANIFEST_FILE
+from ..data import load_dataset, parse_columns
 from ..flows import ARCHITECTURES
 from ..train_run import train_and_save
 from ..training import TrainConfig
@@ -122,14 +122,12 @@ def _summary(path: Path) -> tuple[str, bool]:
 
 @guarded
 def run(args: argparse.Namespace) -> int:
-    """Train, write, print the summary; bad data or options are refused (exit 2) before training."""
-    check_name(args.name)
-    if not 0.0 < args.alpha < 1.0:
-        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    """Train, write, print the summary; bad data or options are refused (exit 2) before training.
+
+    ``train_and_save`` checks everything before the first epoch, and the bar (shown after a
+    second, on a terminal) has not appeared by then, so a refusal is one clean line.
+    """
     data = load_dataset(args.data, parse_columns(args.features), parse_columns(args.context))
-    validate(data, dequantizing=args.dequantize)
-    if args.dequantize:
-        check_integer(data)
     config = TrainConfig(
         flow=args.flow, transforms=args.transforms, hidden_features=args.hidden, bins=args.bins,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
@@ -137,13 +135,14 @@ def run(args: argparse.Namespace) -> int:
     )
     best = float("inf")
     with progress(args.epochs, args.quiet, unit="epoch") as bar:
-        bar.set_description(f"train {args.name}")
+        bar.set_description(f"train {args.name}", refresh=False)
+        bar.unit_scale = False  # whole epochs
 
         def on_epoch(row: dict[str, float]) -> None:
             nonlocal best
             best = min(best, row["val_nll"])
             bar.update(1)
-            bar.set_postfix(val_nll=f"{row['val_nll']:.4f}", best=f"{best:.4f}", train_nll=f"{row['train_nll']:.4f}")
+            bar.set_postfix({"val_nll": f"{row['val_nll']:.4f}", "best": f"{best:.4f}", "train_nll": f"{row['train_nll']:.4f}"})
 
         path = train_and_save(
             data, args.name, args.model_dir, config, dequantize_data=args.dequantize, alpha=args.alpha,
