@@ -31,7 +31,8 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
         f"### flowserve benchmark, {results['date']} ({results['mode']} run, {results['device']})",
         "",
         f"Machine: {_machine_line(m)}. Load average at start: {', '.join(f'{v:.2f}' for v in m['load_average_at_start'])}.",
-        f"Command: `{results['command']}`; {results['wall_seconds']:.0f} s.",
+        f"Command: `{results['command']}`; "
+        + (f"{results['wall_seconds']:.0f} s." if results.get("complete") else "**cut short: partial results**."),
         "",
         "#### Targets",
         "",
@@ -121,7 +122,9 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    models = results["models"]
+    models = results.get("models") or []
+    if not results["scenarios"]["concurrency"]:
+        return False
     fig, axes = plt.subplots(2, len(models), figsize=(max(6.0, 4.2 * len(models)), 7.5), squeeze=False, sharex=True)
     styles = {"ceiling": ("HTTP ceiling (no-op)", "tab:gray", "--"),
               "flowserve": ("flowserve", "tab:blue", "-"),

@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -179,12 +180,15 @@ def _paths(name: str) -> dict[str, str]:
     return {op: f"{base}/{op}" for op in ("log_prob", "score", "sample", "inverse", "forward")}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, results: dict[str, Any],
+        checkpoint: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+    """Run every phase, filling ``results`` as it goes (``checkpoint(results)`` after each phase)."""
     plan = _plan(args)
     generator = generator_name(args.generator)
     started = time.perf_counter()
-    results: dict[str, Any] = {
+    results.update({
         "schema": 1,
+        "complete": False,
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "mode": "quick" if args.quick else "full",
         "device": args.device,
@@ -195,7 +199,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"flowserve": "defaults (no FLOWSERVE_* set) except FLOWSERVE_DEVICE",
                      "flowserve-nobatch": "defaults + FLOWSERVE_MAX_BATCH_ROWS=1",
                      "max_batch_rows": DEFAULT_MAX_BATCH_ROWS},
-    }
+        "models": [],
+        "scenarios": {"concurrency": [], "bulk": [], "sample": [], "mixed": []},
+    })
     _log(f"plan: {asdict(plan)}; load generator: {generator}")
     # servers must not inherit FLOWSERVE_* from the caller: default settings means defaults
     for key in [k for k in os.environ if k.startswith("FLOWSERVE_")]:
@@ -204,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _log("start-up and idle memory")
     results["startup"] = measure_startup(args, plan)
     _log(f"  ready in {results['startup']['ready_seconds']:.2f} s, idle RSS {results['startup']['idle_rss_mb']:.0f} MB")
+    checkpoint(results)
 
     with tempfile.TemporaryDirectory(prefix="flowserve-bench-") as tmp, ExitStack() as stack:
         repo, names = _work_models(args, Path(tmp))
@@ -232,6 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"sample {limits[name]['sample']['rows_per_s']:,.0f} rows/s")
             del model
         results["limits"] = limits
+        checkpoint(results)
 
         # -- servers ------------------------------------------------------------------------------
         _log("starting flowserve, flowserve (max_batch_rows=1) and the HTTP ceiling")
@@ -247,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   "rss_mb_after_start": s.rss_bytes() / 1e6} for k, s in servers.items()}
 
         # -- 1, 2: one-row log_prob sweeps --------------------------------------------------------
-        sweep_rows: list[dict] = []
+        sweep_rows: list[dict] = results["scenarios"]["concurrency"]
         for name in names:
             body = rows_json(data[name][:1])
             request = Request(_paths(name)["log_prob"], body)
@@ -260,11 +268,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _log(f"{name} c={c:<3} {kind:<17} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.1f} ms  "
                          f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}  server {row['server_cores']:.2f} cores"
                          + (f"  {row['mean_batch_rows']:.1f} rows/batch" if "mean_batch_rows" in row else ""))
-        results["scenarios"] = {"concurrency": sweep_rows}
+        results["scenarios"]["concurrency"] = sweep_rows
+        checkpoint(results)
 
         # -- 3, 4: bulk ---------------------------------------------------------------------------
         fs = servers["flowserve"]
-        bulk_rows, sample_rows = [], []
+        bulk_rows, sample_rows = results["scenarios"]["bulk"], results["scenarios"]["sample"]
         n = plan.bulk_rows
         warm_n = min(n, 1024)
         for name in names:
@@ -285,8 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             s_limit, json_body({"n": warm_n, "seed": 1}), warm_n,
                             model=name, op="sample", format=fmt)
                 sample_rows.append(row)
-        results["scenarios"]["bulk"] = bulk_rows
-        results["scenarios"]["sample"] = sample_rows
+        checkpoint(results)
 
         # -- 5: mixed -----------------------------------------------------------------------------
         name = names[0]
@@ -309,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _log(f"  {row['op']:<8} {row['rps']:7.0f} req/s p50 {row['p50_ms']:6.1f} ms p99 {row['p99_ms']:6.1f} ms")
         results["scenarios"]["mixed"] = mixed_rows
 
-    results["targets"] = evaluate(results)
+    results["complete"] = True
     results["wall_seconds"] = time.perf_counter() - started
     return results
 
@@ -318,7 +326,7 @@ def write(results: dict[str, Any], out: Path, stem: str, readmes: list[Path]) ->
     """The JSON, the markdown report, the plot, and the README blocks."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    paths["json"].write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    _write_json(results, paths["json"])
     has_plot = plot(results, paths["png"])
     if not has_plot:
         paths.pop("png")
@@ -331,11 +339,39 @@ def write(results: dict[str, Any], out: Path, stem: str, readmes: list[Path]) ->
     return paths
 
 
+def _write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    results = run(args)
     stem = args.name or (_dt.date.today().isoformat() + ("" if args.device == "cpu" else f"-{args.device}")
                          + ("-quick" if args.quick else ""))
+    results: dict[str, Any] = {}
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM (e.g. from `timeout`) and SIGINT, even when started in the background, stop the run
+    # cleanly: servers are stopped and the partial results written.
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+
+    def checkpoint(partial: dict[str, Any]) -> None:
+        _write_json({**partial, "targets": evaluate(partial)}, args.out / f"{stem}.json")
+
+    try:
+        run(args, results, checkpoint)
+    except KeyboardInterrupt:
+        _log("interrupted: writing the partial results")
+        if results:
+            results["targets"] = evaluate(results)
+            write(results, args.out, stem, [])
+        return 130
+    results["targets"] = evaluate(results)
     readmes = args.readme if args.readme is not None else (
         [] if args.quick else [BENCH_DIR / "README.md", BENCH_DIR.parent / "README.md"])
     paths = write(results, args.out, stem, readmes)

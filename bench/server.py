@@ -94,6 +94,15 @@ class ServerProcess:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        try:
+            self._wait_ready(t0, timeout)
+        except BaseException:  # not ready, or interrupted while waiting: never leave it running
+            self.stop()
+            raise
+        self.ready_seconds = time.perf_counter() - t0
+        return self
+
+    def _wait_ready(self, t0: float, timeout: float) -> None:
         deadline = t0 + timeout
         with httpx.Client(timeout=2.0) as client:
             while True:
@@ -105,11 +114,8 @@ class ServerProcess:
                 except httpx.HTTPError:
                     pass
                 if time.perf_counter() > deadline:
-                    self.stop()
                     raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
                 time.sleep(0.02)
-        self.ready_seconds = time.perf_counter() - t0
-        return self
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (graceful drain), then SIGKILL if it does not exit in ``timeout`` seconds."""

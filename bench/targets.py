@@ -28,10 +28,11 @@ def _bulk_detail(row: dict) -> str:
 def evaluate(results: dict[str, Any]) -> list[dict]:
     """Every target's figure, threshold and verdict (``met`` is ``None`` where the run lacks it)."""
     out: list[dict] = []
-    sweep = results["scenarios"]["concurrency"]
+    scenarios = results.get("scenarios", {})
+    sweep = scenarios.get("concurrency", [])
     c = TARGET_CONCURRENCY if any(r["concurrency"] == TARGET_CONCURRENCY for r in sweep) else max(
         (r["concurrency"] for r in sweep), default=0)
-    for model in results["models"]:
+    for model in results.get("models", []):
         on = _find(sweep, model=model, server="flowserve", concurrency=c)
         ceiling = _find(sweep, model=model, server="ceiling", concurrency=c)
         off = _find(sweep, model=model, server="flowserve-nobatch", concurrency=c)
@@ -46,11 +47,11 @@ def evaluate(results: dict[str, Any]) -> list[dict]:
             out.append(_target(f"{model}: batching on vs off at c={c}, requests/s",
                                on["rps"] / off["rps"], ">=", 5.0, "x",
                                f"{on['rps']:.0f} vs {off['rps']:.0f} req/s"))
-    for row in results["scenarios"]["bulk"]:
+    for row in scenarios.get("bulk", []):
         threshold = 0.7 if row["format"] == "npy" else 0.35
         out.append(_target(f"{row['model']}: bulk {row['op']} {row['rows']} rows, {row['format']}, rows/s vs model limit",
                            row["ratio"], ">=", threshold, "x", _bulk_detail(row)))
-    for row in results["scenarios"]["sample"]:
+    for row in scenarios.get("sample", []):
         out.append(_target(f"{row['model']}: sample {row['rows']} rows, {row['format']}, rows/s vs model limit",
                            row["ratio"], ">=", 0.7, "x", _bulk_detail(row)))
     startup = results.get("startup")
