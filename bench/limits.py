@@ -3,17 +3,22 @@ r"""The model limit: what the model itself does in-process, with no HTTP and no 
 For ``n`` rows and batch size ``b``, the rows are cut into ``⌈n / b⌉`` chunks and each chunk goes
 through :meth:`DensityModel.log_prob` (or, for sampling, :meth:`DensityModel.draw_latents` for all
 ``n`` on the CPU and :meth:`DensityModel.decode` per chunk, as the server does) under
-``torch.inference_mode()``, in the model's dtype, with the server's torch thread count. The limit
-is the best rows/s over the batch sizes tried (the server's ``max_batch_rows`` and ``n`` in one
-call), the median of ``repeats`` timed runs after one warm-up run.
+``torch.inference_mode()``, in the model's dtype, on the server's device.
+
+Threads: a short probe (two batches) runs at each torch intra-op thread count offered (the
+server's, i.e. torch's default in a fresh process, and 1), and the limit is measured at the faster
+one, so the limit is never lower than what the server's own setting would give. The limit is the
+best rows/s over the batch sizes tried (the server's ``max_batch_rows``, and ``n`` in one call when
+time allows), each the median of up to ``repeats`` timed runs after a warm-up.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +26,9 @@ import torch
 from service.density import DensityModel
 from service.repository import ModelRepository
 
-__all__ = ["load_model", "log_prob_limit", "sample_limit", "realistic_rows"]
+__all__ = ["load_model", "realistic_rows", "Limit", "encode_limit", "decode_limit"]
+
+Chunked = Callable[[int, int], None]  # (rows, batch size) -> run that many rows in chunks
 
 
 def load_model(model_dir: Path | str, name: str) -> DensityModel:
@@ -40,48 +47,67 @@ def realistic_rows(model: DensityModel, n: int, seed: int = 0, distinct: int = 4
     return np.ascontiguousarray(np.resize(x, (n, x.shape[1])))
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _sync(model: DensityModel) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
 
 
-def _timed(run: Callable[[], None], warm: Callable[[], None], repeats: int, budget_s: float) -> list[float]:
-    """Times of ``run`` after ``warm``: at least one, then more while they stay within ``budget_s``."""
-    warm()
-    times: list[float] = []
-    while len(times) < max(1, repeats) and (not times or sum(times) * (1 + 1 / len(times)) <= budget_s):
+class Limit:
+    """One pass of one model, ready to be probed and measured."""
+
+    def __init__(self, model: DensityModel, chunked: Chunked, max_rows: int) -> None:
+        self.model = model
+        self.chunked = chunked
+        self.max_rows = max_rows
+
+    def _run(self, rows: int, b: int) -> float:
         t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return times
+        self.chunked(rows, b)
+        _sync(self.model)
+        return time.perf_counter() - t0
+
+    def probe(self, batch: int, thread_counts: list[int]) -> dict:
+        """Rows/s over one batch (after a smaller warm-up) at each thread count; the best count."""
+        rows = min(self.max_rows, batch)
+        by_threads = {}
+        for t in sorted(set(thread_counts)):
+            with _threads(t):
+                self._run(max(1, rows // 8), batch)
+                by_threads[str(t)] = rows / self._run(rows, batch)
+        best = max(by_threads, key=by_threads.__getitem__)
+        return {"rows": rows, "rows_per_s_by_threads": by_threads, "threads": int(best),
+                "rows_per_s": by_threads[best]}
+
+    def measure(self, n: int, batch_sizes: list[int], threads: int, repeats: int, budget_s: float) -> dict:
+        """Best rows/s over ``batch_sizes`` for ``n`` rows; a larger batch only while time allows."""
+        by_batch: dict[str, dict] = {}
+        with _threads(threads):
+            for b in sorted(set(min(b, n) for b in batch_sizes)):
+                self._run(min(n, b), b)  # warm-up
+                times: list[float] = []
+                while len(times) < max(1, repeats) and (not times or sum(times) * (1 + 1 / len(times)) <= budget_s):
+                    times.append(self._run(n, b))
+                seconds = statistics.median(times)
+                by_batch[str(b)] = {"seconds": seconds, "runs": len(times), "rows_per_s": n / seconds}
+                if seconds > budget_s / 4:
+                    break
+        best = max(by_batch.values(), key=lambda r: r["rows_per_s"])
+        return {"rows": n, "rows_per_s": best["rows_per_s"], "seconds": best["seconds"], "by_batch": by_batch,
+                "threads": threads, "device": str(self.model.device), "dtype": str(self.model.dtype)}
 
 
-def _best(model: DensityModel, n: int, batch_sizes: list[int], chunked: Callable[[int, int], None],
-          repeats: int, budget_s: float) -> dict:
-    """Best rows/s over ``batch_sizes``; a larger batch is only tried when the smaller took < budget/4."""
-    by_batch: dict[str, dict] = {}
-    for b in sorted(set(min(b, n) for b in batch_sizes)):
-        def run(b: int = b) -> None:
-            chunked(n, b)
-            _sync(model)
-
-        def warm(b: int = b) -> None:
-            chunked(min(n, b), b)
-            _sync(model)
-
-        times = _timed(run, warm, repeats, budget_s)
-        seconds = statistics.median(times)
-        by_batch[str(b)] = {"seconds": seconds, "runs": len(times), "rows_per_s": n / seconds}
-        if seconds > budget_s / 4:
-            break
-    best = max(by_batch.values(), key=lambda r: r["rows_per_s"])
-    return {"rows": n, "rows_per_s": best["rows_per_s"], "seconds": best["seconds"], "by_batch": by_batch,
-            "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype)}
-
-
-def log_prob_limit(model: DensityModel, x: np.ndarray, batch_sizes: list[int], repeats: int = 3,
-                   budget_s: float = 12.0) -> dict:
-    """In-process batched ``log_prob`` throughput over the rows ``x``."""
+def encode_limit(model: DensityModel, x: np.ndarray) -> Limit:
+    """In-process batched ``log_prob`` over the rows ``x`` (the first ``n`` of them when measuring ``n``)."""
     xt = torch.as_tensor(x, dtype=model.dtype).to(model.device)
 
     def chunked(n: int, b: int) -> None:
@@ -89,17 +115,16 @@ def log_prob_limit(model: DensityModel, x: np.ndarray, batch_sizes: list[int], r
             for i in range(0, n, b):
                 model.log_prob(xt[i : min(i + b, n)])
 
-    return _best(model, xt.shape[0], batch_sizes, chunked, repeats, budget_s)
+    return Limit(model, chunked, xt.shape[0])
 
 
-def sample_limit(model: DensityModel, n: int, batch_sizes: list[int], repeats: int = 3, seed: int = 1,
-                 budget_s: float = 12.0) -> dict:
-    """In-process sampling throughput: draw ``n`` latents on the CPU, decode them in chunks."""
+def decode_limit(model: DensityModel, max_rows: int, seed: int = 1) -> Limit:
+    """In-process sampling: draw ``n`` latents on the CPU (as the server does), decode them in chunks."""
 
-    def chunked(rows: int, b: int) -> None:
+    def chunked(n: int, b: int) -> None:
         with torch.inference_mode():
-            z = model.draw_latents(rows, seed=seed).to(model.device)
-            for i in range(0, rows, b):
+            z = model.draw_latents(n, seed=seed).to(model.device)
+            for i in range(0, n, b):
                 model.decode(z[i : i + b])
 
-    return _best(model, n, batch_sizes, chunked, repeats, budget_s)
+    return Limit(model, chunked, max_rows)

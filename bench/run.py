@@ -63,7 +63,8 @@ class Plan:
     bulk_rows: int = 100_000
     bulk_repeats: int = 3
     limit_repeats: int = 3
-    budget_s: float = 10.0
+    budget_s: float = 10.0  # time for the repeats of one measurement
+    request_budget_s: float = 8.0  # a bulk request of a slow model gets fewer rows than bulk_rows past this
     mixed_connections: int = 16
     mixed_duration: float = 8.0
     startup_runs: int = 3
@@ -160,6 +161,13 @@ def measure_startup(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     }
 
 
+def _rows_within(rows_per_s: float, plan: Plan) -> int:
+    """``plan.bulk_rows``, or fewer for a model so slow that one such request would outlast the budget."""
+    if rows_per_s * plan.request_budget_s >= plan.bulk_rows:
+        return plan.bulk_rows
+    return max(min(plan.bulk_rows, 16_384), int(rows_per_s * plan.request_budget_s) // 1000 * 1000)
+
+
 def _bulk(server: ServerProcess, path: str, body: bytes, content_type: str, accept: str, rows: int, field: str,
           plan: Plan, limit: float, warm_body: bytes, warm_rows: int, **labels: Any) -> dict[str, Any]:
     """:func:`bench.scenarios.bulk` with its ratio to ``limit``; a refused request is recorded, not fatal."""
@@ -220,23 +228,28 @@ def run(args: argparse.Namespace, results: dict[str, Any],
         device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else args.device)
         limits: dict[str, Any] = {}
         data: dict[str, np.ndarray] = {}
+        rows_for: dict[str, dict[str, int]] = {}
         batch_sizes = [DEFAULT_MAX_BATCH_ROWS, plan.bulk_rows]
+        thread_counts = [torch.get_num_threads(), 1]  # the server's (torch's default) and one
         for name in names:
             model = lim.load_model(repo, name)
             if model.context_features:
                 raise SystemExit(f"bench: {name!r} is conditional; benchmark unconditional models only")
             model = model.to(device)
             data[name] = lim.realistic_rows(model, plan.bulk_rows)
-            _log(f"model limit: {name} ({model.features} features, {model.dtype})")
-            limits[name] = {
-                "features": model.features,
-                "dtype": str(model.dtype).removeprefix("torch."),
-                "log_prob": lim.log_prob_limit(model, data[name], batch_sizes, plan.limit_repeats, plan.budget_s),
-                "sample": lim.sample_limit(model, plan.bulk_rows, batch_sizes, plan.limit_repeats,
-                                           budget_s=plan.budget_s),
-            }
-            _log(f"  log_prob {limits[name]['log_prob']['rows_per_s']:,.0f} rows/s, "
-                 f"sample {limits[name]['sample']['rows_per_s']:,.0f} rows/s")
+            _log(f"model limit: {name} ({model.features} features, {model.dtype}, {device})")
+            entry: dict[str, Any] = {"features": model.features, "dtype": str(model.dtype).removeprefix("torch.")}
+            rows_for[name] = {}
+            for op, limit in (("log_prob", lim.encode_limit(model, data[name])),
+                              ("sample", lim.decode_limit(model, plan.bulk_rows))):
+                probe = limit.probe(DEFAULT_MAX_BATCH_ROWS, thread_counts)
+                n = _rows_within(probe["rows_per_s"], plan)
+                entry[op] = {**limit.measure(n, batch_sizes, probe["threads"], plan.limit_repeats, plan.budget_s),
+                             "probe": probe}
+                rows_for[name][op] = n
+                _log(f"  {op}: {entry[op]['rows_per_s']:,.0f} rows/s over {n:,} rows "
+                     f"({probe['threads']} thread(s); probe {probe['rows_per_s_by_threads']})")
+            limits[name] = entry
             del model
         results["limits"] = limits
         checkpoint(results)
@@ -274,10 +287,10 @@ def run(args: argparse.Namespace, results: dict[str, Any],
         # -- 3, 4: bulk ---------------------------------------------------------------------------
         fs = servers["flowserve"]
         bulk_rows, sample_rows = results["scenarios"]["bulk"], results["scenarios"]["sample"]
-        n = plan.bulk_rows
-        warm_n = min(n, 1024)
         for name in names:
-            x = data[name]
+            n = rows_for[name]["log_prob"]
+            warm_n = min(n, 1024)
+            x = data[name][:n]
             paths = _paths(name)
             lp_limit = limits[name]["log_prob"]["rows_per_s"]
             for op in ("log_prob", "score"):
@@ -288,6 +301,8 @@ def run(args: argparse.Namespace, results: dict[str, Any],
                                 encode(x[:warm_n]), warm_n, model=name, op=op, format=fmt)
                     bulk_rows.append(row)
             s_limit = limits[name]["sample"]["rows_per_s"]
+            n = rows_for[name]["sample"]
+            warm_n = min(n, 1024)
             for fmt in ("json", "npy"):
                 accept = NPY if fmt == "npy" else JSON
                 row = _bulk(fs, paths["sample"], json_body({"n": n, "seed": 1}), JSON, accept, n, "samples", plan,
