@@ -10,8 +10,9 @@ with Client("http://127.0.0.1:8000") as fs:
 ```
 
 `AsyncClient` has the same methods as coroutines. Arrays go as JSON for small requests and as
-binary ``.npy`` bodies (answers as ``.npz``) once a request holds more than ``binary_threshold``
-values; a server that does not take binary bodies (415 / 406) gets JSON instead from then on.
+binary ``.npy`` bodies (``.npz`` with ``context`` for conditional models; answers as ``.npz``) once
+a request holds more than ``binary_threshold`` values; a server that does not take binary bodies
+(415 / 406) gets JSON instead from then on.
 Answers are decoded by their content type, JSON or ``.npz``. Every call is side-effect free on the
 server (GETs, and operations that are pure functions of their request), so all are retried on 503
 (honouring ``Retry-After``, in seconds or as an HTTP date) and on connection failures, with
@@ -166,12 +167,38 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # float arrays only: nothing is pickled
+    return buf.getvalue()
+
+
+def _float_rows(rows: np.ndarray) -> np.ndarray:
+    dtype = rows.dtype if rows.dtype in (np.float32, np.float64) else np.float64
+    return np.ascontiguousarray(rows, dtype=dtype)
+
+
+def _unflatten(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``.npz`` members by name, with dotted names (``threshold.alpha``) nested back into objects
+    whose 0-d members become Python scalars, as the JSON answer has them."""
+    out: dict[str, Any] = {}
+    for key, value in arrays.items():
+        head, dot, rest = key.partition(".")
+        if not dot:
+            out[key] = value
+            continue
+        inner = out.setdefault(head, {})
+        if isinstance(inner, dict):
+            inner[rest] = value.item() if value.ndim == 0 else value
+    return out
+
+
 def _decode(response: httpx.Response) -> Any:
     """The answer by its content type: ``.npz`` as a dict of arrays, ``.npy`` as one array, else JSON."""
     media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media == NPZ:
         with np.load(io.BytesIO(response.content), allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+            return _unflatten({k: npz[k] for k in npz.files})
     if media == NPY:
         return np.load(io.BytesIO(response.content), allow_pickle=False)
     return response.json()
@@ -242,12 +269,16 @@ class _Operations:
         def parse(answer: Any) -> dict[str, Any]:
             return _arrays(answer, array_keys)
 
-        # .npy bodies carry one array, so requests with context rows stay JSON
-        if context is None and isinstance(rows, np.ndarray) and rows.ndim == 2 and self._large(rows.size):
-            dtype = rows.dtype if rows.dtype in (np.float32, np.float64) else np.float64
+        # one array: an .npy body; with context rows: an .npz body of both (records stay JSON)
+        binary_context = context is None or (isinstance(context, np.ndarray) and context.ndim == 2)
+        if binary_context and isinstance(rows, np.ndarray) and rows.ndim == 2 and self._large(rows.size):
+            if context is None:
+                content, media = _npy_bytes(_float_rows(rows)), NPY
+            else:
+                content, media = _npz_bytes({main_key: _float_rows(rows), "context": _float_rows(context)}), NPZ
             return _Call(
-                "POST", path, content=_npy_bytes(np.ascontiguousarray(rows, dtype=dtype)), params=fields,
-                headers={"content-type": NPY, "accept": NPZ}, parse=parse, json_fallback=body,
+                "POST", path, content=content, params=fields,
+                headers={"content-type": media, "accept": NPZ}, parse=parse, json_fallback=body,
             )
         return _Call("POST", path, json=body(), parse=parse)
 

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from ..metrics import Metrics
 from ..settings import Settings, SettingsError, load_settings
-from . import errors, openapi
+from . import binary, errors, openapi
 from .routes import health, models, operations
 from .state import ServiceState
 
@@ -33,6 +33,9 @@ Exact log-densities, latents, samples and anomaly scores from normalizing flows.
 * Answers are strict JSON: non-finite numbers (e.g. a `-inf` log-density far outside the support) are
   written as `null`.
 * 503 answers carry `Retry-After`; 504 means the request's deadline passed before it was computed.
+* Binary arrays: a `.npy` body (`Content-Type: application/x-npy`) in place of `inputs` / `latents`, other
+  fields as query parameters; `.npz` bodies (`application/x-npz`) with arrays `inputs` / `latents` and `context`.
+  `Accept: application/x-npy` answers the main array as `.npy`, `Accept: application/x-npz` the whole answer.
 """
 
 OPENAPI_TAGS = [
@@ -66,6 +69,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                   openapi_tags=OPENAPI_TAGS)
     app.state.flowserve = state
     errors.install(app)
+    binary.install()
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(operations.router)

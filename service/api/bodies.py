@@ -2,9 +2,14 @@
 
 A parser turns the raw bytes (and the request, for query parameters) into a :class:`ParsedBody`:
 the named fields as JSON-like values, and optionally the main array already as numpy. Only
-``application/json`` is registered here; a binary parser (``application/x-npy``: the array from
-the body, the other fields from the query string) plugs in with :func:`register_parser` and every
-operation then accepts it, because operations only read :class:`ParsedBody`.
+``application/json`` is registered here; the binary parsers of :mod:`service.api.binary`
+(``application/x-npy`` and ``application/x-npz``: arrays from the body, the other fields from the
+query string) plug in with :func:`register_parser`, and every operation then accepts them, because
+operations only read :class:`ParsedBody`.
+
+Query parameters carry an operation's scalar fields with binary bodies, and with an empty body
+(``POST /sample?n=5&seed=3``, whatever the ``Content-Type``); a JSON body must hold every field
+itself, so query parameters beside one are refused (422) rather than silently ignored.
 
 Limits are checked before anything is parsed: a ``Content-Length`` over ``max_body_bytes`` is
 refused before a byte is read, and a body streamed without one is counted as it arrives.
@@ -21,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from .errors import Problem, field_error
 
-__all__ = ["JSON", "ParsedBody", "Parser", "media_type", "parse_body", "read_body", "register_parser"]
+__all__ = ["JSON", "ParsedBody", "Parser", "media_type", "parse_body", "query_fields", "read_body", "register_parser"]
 
 JSON = "application/json"
 
@@ -35,6 +40,8 @@ class ParsedBody:
     media_type: str = JSON
     #: whether field values came as strings (query parameters) and need lax validation
     lax: bool = False
+    #: the fields that came from the query string (errors about them say ``["query", name]``)
+    query_fields: frozenset[str] = frozenset()
 
 
 Parser = Callable[[bytes, Request], ParsedBody]
@@ -99,8 +106,30 @@ def _too_large(max_bytes: int, why: str) -> Problem:
                    f"{max_bytes} bytes (FLOWSERVE_MAX_BODY_BYTES)")
 
 
+def query_fields(request: Request) -> dict[str, str]:
+    """The query parameters as fields (text values); a parameter given twice is refused (422)."""
+    params = request.query_params
+    fields: dict[str, str] = {}
+    for key, value in params.multi_items():
+        if key in fields:
+            raise Problem(422, "invalid-field", f"query parameter {key!r} is given more than once",
+                          errors=[field_error(("query", key), "given more than once")])
+        fields[key] = value
+    return fields
+
+
+def _no_query(request: Request) -> None:
+    for key in request.query_params:
+        raise Problem(422, "invalid-field", f"query parameter {key!r} beside a JSON body: put every field in the "
+                      "JSON body (query parameters are read with .npy / .npz bodies or an empty body)",
+                      errors=[field_error(("query", key), "not read with a JSON body; move it into the body")])
+
+
 async def parse_body(request: Request, max_bytes: int) -> ParsedBody:
-    """Check the content type, read the body within the limit, and parse it."""
+    """Check the content type, read the body within the limit, and parse it.
+
+    An empty body means "every field is a query parameter" (e.g. ``sample``'s ``n`` and ``seed``).
+    """
     media = media_type(request)
     parser = PARSERS.get(media)
     if parser is None:
@@ -109,6 +138,11 @@ async def parse_body(request: Request, max_bytes: int) -> ParsedBody:
                       "(e.g. curl -H 'Content-Type: application/json')",
                       headers={"Accept-Post": ", ".join(sorted(PARSERS))})
     body = await read_body(request, max_bytes)
+    if not body:
+        query = query_fields(request)
+        return ParsedBody(dict(query), media_type=media, lax=True, query_fields=frozenset(query))
+    if media == JSON:
+        _no_query(request)
     parsed = parser(body, request)
     parsed.media_type = media
     return parsed

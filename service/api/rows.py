@@ -61,6 +61,8 @@ def rows_array(value: Any, names: Sequence[str], field: str, *, max_rows: int | 
     """
     width = len(names)
     if isinstance(value, np.ndarray):
+        if single_row_ok and value.ndim == 1:
+            value = value.reshape(1, -1)
         return _check_array(value, names, field, max_rows)
     if single_row_ok and (isinstance(value, dict) or (isinstance(value, list) and value
                                                        and isinstance(value[0], _NUMBER_TYPES + (type(None),)))):

@@ -84,7 +84,7 @@ class ForwardParams(_Params):
 
 class ScoreParams(_Params):
     alpha: float | None = Field(
-        None, gt=0.0, lt=1.0,
+        None, gt=0.0, lt=1.0, allow_inf_nan=False,
         description="Significance level in (0, 1): a row is an anomaly when its p-value <= alpha. "
                     "Default: the model's `anomaly_alpha` (0.01 unless its manifest says otherwise).",
         examples=[0.01],
@@ -101,7 +101,8 @@ class SampleParams(_Params):
                     "when absent.",
         examples=[3],
     )
-    temperature: float = Field(1.0, gt=0.0, description="Scale of the base noise, > 0 (1 samples the model).",
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False,
+                               description="Scale of the base noise, > 0 and finite (1 samples the model).",
                                examples=[1.0])
     return_log_prob: bool = Field(False, description="Also answer the log-density of each sample.")
     return_latents: bool = Field(False, description="Also answer the latents each sample was decoded from.")

@@ -4,7 +4,10 @@ Each handler does the same few steps: look the model up (404 / 503), read and pa
 within the limits (415 / 413 / 400), validate the scalar fields with the operation's ``*Params``
 model (422) and the arrays with numpy (:mod:`service.api.rows`: 400 / 413 / 422), call the
 operation in :mod:`service.operations` with a deadline of ``request_timeout_s`` from the start of
-the request, and encode the numpy answer with orjson. Every failure is a problem+json answer.
+the request, and encode the numpy answer as the client's ``Accept`` asks (406 when it accepts
+nothing we write, checked before any work): JSON with orjson, or ``.npy`` / ``.npz``
+(:mod:`service.api.binary`). Bodies may be JSON, ``.npy`` or ``.npz`` (scalar fields then come as
+query parameters). Every failure is a problem+json answer.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from starlette.responses import Response
 from ... import operations
 from ...batching import ComputeError, DeadlineExceeded, QueueFull, WorkerStopped
 from ...registry import ServedModel
-from ..bodies import ParsedBody, parse_body
+from .. import binary
+from ..bodies import JSON, ParsedBody, parse_body
 from ..errors import Problem, field_error
+from ..negotiation import negotiate
 from ..responses import NumpyJSONResponse
 from ..rows import describe_names, rows_array
 from ..schemas import (
@@ -60,7 +65,10 @@ def _params(parsed: ParsedBody, model: type[BaseModel], arrays: tuple[str, ...])
         allowed = sorted(set(model.model_fields) | set(arrays))
         errors = []
         for err in e.errors():
-            loc = ("body", *err["loc"])
+            key = err["loc"][0] if err["loc"] else None
+            # with a binary or empty body the scalar fields (and any missing one) belong in the query
+            from_query = key in parsed.query_fields or (parsed.lax and key not in parsed.fields)
+            loc = ("query" if from_query else "body", *err["loc"])
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = f"unknown field; this operation takes {allowed}"
@@ -89,9 +97,13 @@ def _context(parsed: ParsedBody, served: ServedModel, rows: int, *, broadcast: b
         return None
     names = served.context_names
     if value is None:
+        hint = ""
+        if parsed.media_type == binary.NPY:
+            hint = ("; an .npy body holds one array: send an .npz body (Content-Type: application/x-npz) "
+                    "with the arrays 'inputs' (or 'latents') and 'context'")
         raise Problem(400, "invalid-input",
                       f"model {served.name!r} is conditional: context with {len(names)} values "
-                      f"{describe_names(names)} is required" + ("" if broadcast else " for every row"),
+                      f"{describe_names(names)} is required" + ("" if broadcast else " for every row") + hint,
                       errors=[field_error(("body", "context"), "required by this model")])
     arr = rows_array(value, names, "context", single_row_ok=broadcast)
     if arr.shape[0] != rows and not (broadcast and arr.shape[0] == 1):
@@ -134,11 +146,18 @@ async def _forward(state: ServiceState, served: ServedModel, parsed: ParsedBody,
 
 
 async def _sample(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    if parsed.array is not None:
+        raise Problem(415, "unsupported-media-type",
+                      "sample takes no .npy array: give n, seed, temperature, return_log_prob and return_latents as "
+                      "query parameters with an empty body (e.g. POST .../sample?n=1000&seed=3), or a JSON body; "
+                      "context rows may come as the 'context' array of an .npz body",
+                      headers={"Accept-Post": f"{JSON}, {binary.NPZ}"})
     p: SampleParams = _params(parsed, SampleParams, ("context",))
     limit = state.settings.max_samples
     if p.n > limit:
+        where = "query" if "n" in parsed.query_fields else "body"
         raise Problem(413, "content-too-large", f"n is {p.n}; this server draws at most {limit} samples per request",
-                      errors=[field_error(("body", "n"), f"at most {limit}")])
+                      errors=[field_error((where, "n"), f"at most {limit}")])
     c = _context(parsed, served, p.n, broadcast=True)
     out = await operations.sample(state.worker, served, p.n, p.seed, p.temperature, c, deadline)
     answer = _answer(served, samples=out["samples"], seed=out["seed"])
@@ -166,6 +185,11 @@ class Endpoint:
     response: type[BaseModel]
     summary: str
     description: str
+
+    @property
+    def main(self) -> str:
+        """The answer's main array: what an ``application/x-npy`` answer holds."""
+        return binary.MAIN_FIELD[self.name]
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -203,6 +227,20 @@ def _problem(exc: Exception, state: ServiceState) -> Problem | None:
     return None
 
 
+#: what an operation answers, in the order that breaks ties in ``Accept`` (JSON by default)
+ANSWER_TYPES = (JSON, binary.NPY, binary.NPZ)
+
+
+def _encode(payload: dict[str, Any], media: str, endpoint: Endpoint) -> Response:
+    headers = {"Vary": "Accept", "Flowserve-Model": str(payload["model"]),
+               "Flowserve-Model-Version": str(payload["version"])}
+    if "seed" in payload:
+        headers["Flowserve-Seed"] = str(payload["seed"])
+    if media == JSON:
+        return NumpyJSONResponse(payload, headers=headers)
+    return binary.encode(payload, media, endpoint.main, headers)
+
+
 async def _handle(request: Request, name: str, version: str | None, endpoint: Endpoint) -> Response:
     state = get_state(request)
     deadline = time.monotonic() + state.settings.request_timeout_s
@@ -210,6 +248,7 @@ async def _handle(request: Request, name: str, version: str | None, endpoint: En
         try:
             served = state.lookup(name, version)
             record.model, record.version = served.name, str(served.version)
+            media = negotiate(request.headers.get("accept"), ANSWER_TYPES)
             parsed = await parse_body(request, state.settings.max_body_bytes)
             payload, rows = await endpoint.run(state, served, parsed, deadline)
         except Problem as p:
@@ -221,7 +260,7 @@ async def _handle(request: Request, name: str, version: str | None, endpoint: En
                 raise
             record.status = problem.status
             raise problem from exc
-        response = NumpyJSONResponse(payload)
+        response = _encode(payload, media, endpoint)
         record.status, record.rows = 200, rows
         return response
 
@@ -233,6 +272,8 @@ def _problem_responses() -> dict[int | str, dict[str, Any]]:
         404: "Unknown model or version.",
         409: "score: the model version has no calibration set.",
         413: "Body over max_body_bytes, more rows than max_rows, or n over max_samples.",
+        401: "No API key, where the server sets FLOWSERVE_API_KEYS (WWW-Authenticate: Bearer).",
+        403: "Not one of the server's API keys.",
         415: "Unsupported Content-Type.",
         422: "Invalid fields: n < 1, temperature <= 0, alpha outside (0, 1), wrong types, unknown fields.",
         503: "Queue full, not ready or shutting down; see Retry-After.",
@@ -241,17 +282,52 @@ def _problem_responses() -> dict[int | str, dict[str, Any]]:
     return {status: {"description": text, "content": ref} for status, text in described.items()}
 
 
+#: the scalar fields of each operation (query parameters with a binary or empty body)
+PARAMS: dict[str, type[BaseModel]] = {"log_prob": EncodeParams, "inverse": EncodeParams, "forward": ForwardParams,
+                                      "sample": SampleParams, "score": ScoreParams}
+_BINARY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _query_parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
+    schema = PARAMS[endpoint.name].model_json_schema()
+    required = set(schema.get("required", ()))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        description = prop.pop("description", "")
+        out.append({"name": name, "in": "query", "required": False, "schema": prop,
+                    "description": f"With a binary or empty body{' (then required)' if name in required else ''}: "
+                                   f"{description}"})
+    return out
+
+
+def _binary_bodies(endpoint: Endpoint) -> dict[str, Any]:
+    if endpoint.name == "sample":
+        return {binary.NPZ: {**_BINARY_SCHEMA, "description": "an .npz with the array 'context'"}}
+    main = "latents" if endpoint.name == "forward" else "inputs"
+    return {binary.NPY: {**_BINARY_SCHEMA, "description": f"the {main} rows as one 2-D .npy array"},
+            binary.NPZ: {**_BINARY_SCHEMA, "description": f"an .npz with the arrays {main!r} and 'context'"}}
+
+
 def _register(endpoint: Endpoint) -> None:
-    extra = {"requestBody": {"required": True, "content": {"application/json": {
+    extra = {"requestBody": {"required": endpoint.name != "sample", "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{REQUEST_MODELS[endpoint.name].__name__}"},
         "examples": request_examples(endpoint.name),
-    }}}}
-    responses = {200: {"model": endpoint.response}, **_problem_responses()}
+    }, **_binary_bodies(endpoint)}}, "parameters": _query_parameters(endpoint)}
+    binary_answers = {binary.NPY: {**_BINARY_SCHEMA, "description": f"{endpoint.main} as .npy"},
+                      binary.NPZ: {**_BINARY_SCHEMA, "description": "every field as an .npz member"}}
+    responses = {200: {"model": endpoint.response, "content": binary_answers},
+                 406: {"description": "The Accept header accepts none of application/json, application/x-npy, "
+                                      "application/x-npz.",
+                       "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                 **_problem_responses()}
     if endpoint.name != "score":
         responses.pop(409)
     description = endpoint.description + (
         "\n\nNon-finite numbers in the answer (e.g. `-inf` log-densities far outside the support) are written "
-        "as `null`, so the answer is strict JSON."
+        "as `null`, so the answer is strict JSON (binary answers keep them as they are)."
+        f"\n\n`Accept: application/x-npy` answers `{endpoint.main}` as `.npy`; `Accept: application/x-npz` the whole "
+        "answer as `.npz`."
     )
 
     async def latest(request: Request, name: str = NAME) -> Response:
