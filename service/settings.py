@@ -20,8 +20,8 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_MAX_SAMPLES``      | ``1000000``    | largest ``n`` of one sample request (413 above)               |
 | ``FLOWSERVE_MAX_BODY_BYTES``   | ``268435456``  | largest request body, 256 MiB (413 above)                     |
 | ``FLOWSERVE_DRAIN_DELAY_S``    | ``0``          | on SIGTERM, answer ``/readyz`` 503 this long before closing the listener |
-| ``FLOWSERVE_API_KEYS``         | none           | comma-separated API keys (reserved: enforced by the auth layer) |
-| ``FLOWSERVE_ADMIN_KEY``        | none           | the admin key (reserved: enforced by the auth layer)          |
+| ``FLOWSERVE_API_KEYS``         | none           | comma-separated bearer keys the model endpoints need (none: open) |
+| ``FLOWSERVE_ADMIN_KEY``        | none           | the bearer key of ``/v1/admin`` (none: administration disabled) |
 
 ``max_rows`` and ``max_samples`` may not exceed ``max_queue_rows``: a request larger than the whole
 queue could never be accepted, and would be answered 503 forever instead of 413 once.
@@ -78,8 +78,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * MiB, ge=1024, description="Largest request body in bytes.")
     drain_delay_s: float = Field(0.0, ge=0.0, le=600.0, description="Readiness-off period before shutdown.")
 
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="API keys (reserved).")
-    admin_key: SecretStr | None = Field(None, description="Admin key (reserved).")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys of the model endpoints (service.api.auth).")
+    admin_key: SecretStr | None = Field(None, description="Bearer key of /v1/admin; None disables it.")
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

@@ -54,9 +54,12 @@ def test_invalid_settings_name_the_variable(tmp_path: Path, overrides: dict, mes
     assert message in str(err.value)
 
 
-def test_keys_are_refused_until_enforced(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="does not enforce keys"):
-        create_app(load_settings(model_dir=str(tmp_path), api_keys="k1"))
+def test_keys_are_read_comma_separated(tmp_path: Path) -> None:
+    s = load_settings(model_dir=str(tmp_path), api_keys=" key-one, key-two ,,", admin_key="the-admin-key")
+    assert [k.get_secret_value() for k in s.api_keys] == ["key-one", "key-two"]
+    assert s.admin_key.get_secret_value() == "the-admin-key"
+    assert "key-one" not in repr(s) and "the-admin-key" not in repr(s)  # secrets stay out of logs
+    create_app(s)  # enforced by the app (tests/test_api_auth.py), so accepted
 
 
 def test_each_app_has_its_own_metrics(tmp_path: Path) -> None:

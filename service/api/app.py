@@ -6,11 +6,11 @@ import importlib.metadata
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from ..metrics import Metrics
-from ..settings import Settings, SettingsError, load_settings
-from . import binary, errors, openapi
+from ..settings import Settings, load_settings
+from . import auth, binary, errors, openapi
 from .routes import health, models, operations
 from .state import ServiceState
 
@@ -36,6 +36,8 @@ Exact log-densities, latents, samples and anomaly scores from normalizing flows.
 * Binary arrays: a `.npy` body (`Content-Type: application/x-npy`) in place of `inputs` / `latents`, other
   fields as query parameters; `.npz` bodies (`application/x-npz`) with arrays `inputs` / `latents` and `context`.
   `Accept: application/x-npy` answers the main array as `.npy`, `Accept: application/x-npz` the whole answer.
+* Where the server sets API keys, model endpoints need `Authorization: Bearer <key>` (401 without, 403 wrong);
+  `/v1/admin` needs the admin key and is disabled without one.
 """
 
 OPENAPI_TAGS = [
@@ -52,9 +54,6 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     starts and the models load in a thread, while ``/healthz`` already answers.
     """
     settings = settings if settings is not None else load_settings()
-    if settings.api_keys or settings.admin_key is not None:
-        # fail closed: do not pretend to protect the API with keys this build does not check
-        raise SettingsError("FLOWSERVE_API_KEYS / FLOWSERVE_ADMIN_KEY are set, but this build does not enforce keys yet")
     state = ServiceState(settings, metrics)
 
     @asynccontextmanager
@@ -69,9 +68,10 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                   openapi_tags=OPENAPI_TAGS)
     app.state.flowserve = state
     errors.install(app)
+    auth.install(app, settings)
     binary.install()
     app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(operations.router)
+    app.include_router(models.router, dependencies=[Depends(auth.require_api_key)])
+    app.include_router(operations.router, dependencies=[Depends(auth.require_api_key)])
     openapi.install(app)
     return app
