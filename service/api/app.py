@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from ..metrics import Metrics
 from ..settings import Settings, load_settings
 from . import auth, binary, errors, openapi
-from .routes import health, models, operations, v2
+from .routes import admin, health, models, operations
 from .state import ServiceState
 
 __all__ = ["create_app"]
@@ -44,6 +44,7 @@ OPENAPI_TAGS = [
     {"name": "operations", "description": "log_prob, inverse, forward, sample and score on a model."},
     {"name": "models", "description": "The models this server holds and their cards."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+    {"name": "administration", "description": "Load, unload and reload models while serving (FLOWSERVE_ADMIN_KEY)."},
 ]
 
 
@@ -73,6 +74,6 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.include_router(health.router)
     app.include_router(models.router, dependencies=[Depends(auth.require_api_key)])
     app.include_router(operations.router, dependencies=[Depends(auth.require_api_key)])
-    app.include_router(v2.router)
+    app.include_router(admin.router, dependencies=[Depends(auth.require_admin_key)])
     openapi.install(app)
     return app
