@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from ..metrics import Metrics
 from ..settings import Settings, load_settings
 from . import auth, binary, errors, openapi
-from .routes import admin, health, models, operations
+from .routes import admin, health, models, operations, v2
 from .state import ServiceState
 
 __all__ = ["create_app"]
@@ -75,5 +75,6 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.include_router(models.router, dependencies=[Depends(auth.require_api_key)])
     app.include_router(operations.router, dependencies=[Depends(auth.require_api_key)])
     app.include_router(admin.router, dependencies=[Depends(auth.require_admin_key)])
+    app.include_router(v2.router)
     openapi.install(app)
     return app
