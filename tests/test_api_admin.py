@@ -59,7 +59,8 @@ def servers(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         "admin": dict(admin_key=ADMIN_KEY, models="moons,nocal"),
         "slow": dict(admin_key=ADMIN_KEY, models="moons,cond", max_wait_ms=4000, max_batch_rows=100_000),
     }
-    procs = {name: ServerProcess(repos[name], tmp / f"{name}-{free_port()}.log", **cfg) for name, cfg in configs.items()}
+    procs = {name: ServerProcess(repos[name], tmp / f"{name}-{free_port()}.log", **cfg)
+             for name, cfg in configs.items()}
     try:
         for proc in procs.values():
             proc.wait_ready()

@@ -98,7 +98,8 @@ def read_npy(data: bytes | memoryview, what: str = "the body", loc: tuple[str, .
         elif version == (2, 0):
             shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=MAX_HEADER_BYTES)
         else:
-            raise ValueError(f"format version {version[0]}.{version[1]} is not supported (use 1.0 or 2.0, as np.save writes)")
+            raise ValueError(f"format version {version[0]}.{version[1]} is not supported "
+                             "(use 1.0 or 2.0, as np.save writes)")
     except Exception as e:  # noqa: BLE001 - numpy's reader raises ValueError, SyntaxError, EOFError, ...
         raise _malformed(what, str(e) or type(e).__name__, loc) from None
     if dtype.kind not in ACCEPTED_KINDS or dtype.hasobject:

@@ -7,10 +7,13 @@ the key ``x1`` of record 3; ``["path", "version"]`` a path parameter.
 
 | status | ``type`` (``urn:flowserve:problem:...``)     | when                                       |
 |--------|----------------------------------------------|--------------------------------------------|
-| 400    | ``malformed-json``, ``invalid-input``        | unparseable body; NaN/inf, ragged rows, wrong feature count, unknown or missing feature names, bad context |
+| 400    | ``malformed-json``, ``malformed-npy``, ``invalid-input`` | unparseable body; NaN/inf, ragged rows, wrong feature count, unknown or missing feature names, bad context |
+| 401    | ``unauthorized``                             | no ``Bearer`` key where the endpoint needs one (``WWW-Authenticate``) |
+| 403    | ``forbidden``, ``admin-disabled``            | a key that is not the endpoint's; ``/v1/admin`` without ``FLOWSERVE_ADMIN_KEY`` |
 | 404    | ``model-not-found``, ``version-not-found``, ``not-found`` | unknown model, version or path   |
 | 405    | ``method-not-allowed``                       | e.g. GET on an operation (``Allow`` says which) |
-| 409    | ``no-calibration``                           | ``score`` on a model version without a calibration set |
+| 406    | ``not-acceptable``                           | an ``Accept`` header that takes none of JSON, ``.npy``, ``.npz`` |
+| 409    | ``no-calibration``, ``load-failed``          | ``score`` without a calibration set; an admin (re)load whose versions do not load |
 | 413    | ``content-too-large``                        | body over ``max_body_bytes``; rows over ``max_rows``; ``n`` over ``max_samples`` |
 | 415    | ``unsupported-media-type``                   | a ``Content-Type`` the endpoint does not read |
 | 422    | ``invalid-field``                            | well-formed but invalid fields: ``n < 1``, ``temperature <= 0``, ``alpha`` outside (0, 1), wrong types, unknown fields |

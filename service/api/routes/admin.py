@@ -86,10 +86,11 @@ async def _change(request: Request, name: str, change: str, action: str) -> Resp
     try:
         result = await asyncio.to_thread(getattr(admin, change), name)
     except InvalidName as e:
-        raise Problem(400, "invalid-input", str(e), errors=[field_error(("path", "name"), "not a model name")]) from None
+        raise Problem(400, "invalid-input", str(e),
+                      errors=[field_error(("path", "name"), "not a model name")]) from None
     except NotInRepository as e:
-        raise Problem(404, "model-not-found", str(e), errors=[field_error(("path", "name"), "not in the repository")]) \
-            from None
+        raise Problem(404, "model-not-found", str(e),
+                      errors=[field_error(("path", "name"), "not in the repository")]) from None
     except LoadFailed as e:
         raise Problem(409, "load-failed", str(e), extra={"serving": e.serving}) from None
     except StillLoading as e:

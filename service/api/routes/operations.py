@@ -269,11 +269,11 @@ def _problem_responses() -> dict[int | str, dict[str, Any]]:
     ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     described = {
         400: "Malformed JSON, non-finite numbers, ragged rows, wrong feature count, unknown feature names, bad context.",
+        401: "No API key, where the server sets FLOWSERVE_API_KEYS (WWW-Authenticate: Bearer).",
+        403: "Not one of the server's API keys.",
         404: "Unknown model or version.",
         409: "score: the model version has no calibration set.",
         413: "Body over max_body_bytes, more rows than max_rows, or n over max_samples.",
-        401: "No API key, where the server sets FLOWSERVE_API_KEYS (WWW-Authenticate: Bearer).",
-        403: "Not one of the server's API keys.",
         415: "Unsupported Content-Type.",
         422: "Invalid fields: n < 1, temperature <= 0, alpha outside (0, 1), wrong types, unknown fields.",
         503: "Queue full, not ready or shutting down; see Retry-After.",
