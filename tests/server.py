@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +172,18 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 def start_server(model_dir: Path, tmp_path: Path, **settings: Any) -> ServerProcess:
     return ServerProcess(model_dir, tmp_path / f"server-{free_port()}.log", **settings).wait_ready()
+
+
+@contextmanager
+def running_servers(configs: Mapping[str, tuple[Path, dict[str, Any]]], tmp_path: Path) -> Iterator[dict[str, ServerProcess]]:
+    """Start one server per ``name: (model_dir, settings)`` side by side, wait until all are ready,
+    and stop them all (SIGTERM) on exit."""
+    procs = {name: ServerProcess(model_dir, tmp_path / f"{name}-{free_port()}.log", **settings)
+             for name, (model_dir, settings) in configs.items()}
+    try:
+        for proc in procs.values():
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.terminate()

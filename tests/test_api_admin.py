@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from service.artifact import load_artifact, save_artifact
-from tests.server import ServerProcess, free_port
+from tests.server import ServerProcess, running_servers
 
 pytest_plugins = ["tests.fixtures_server"]
 
@@ -59,15 +59,8 @@ def servers(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         "admin": dict(admin_key=ADMIN_KEY, models="moons,nocal"),
         "slow": dict(admin_key=ADMIN_KEY, models="moons,cond", max_wait_ms=4000, max_batch_rows=100_000),
     }
-    procs = {name: ServerProcess(repos[name], tmp / f"{name}-{free_port()}.log", **cfg)
-             for name, cfg in configs.items()}
-    try:
-        for proc in procs.values():
-            proc.wait_ready()
+    with running_servers({name: (repos[name], cfg) for name, cfg in configs.items()}, tmp) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from service.api.auth import Keys
 from service.client import Client, Forbidden, Unauthorized
 from service.settings import load_settings
-from tests.server import ServerProcess, free_port
+from tests.server import ServerProcess, running_servers
 
 pytest_plugins = ["tests.fixtures_server"]
 
@@ -40,14 +40,8 @@ def servers(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "api_only": dict(api_keys=API_KEYS[0], models="moons"),
         "admin_only": dict(admin_key=ADMIN_KEY, models="moons"),
     }
-    procs = {name: ServerProcess(model_repo, tmp / f"{name}-{free_port()}.log", **cfg) for name, cfg in configs.items()}
-    try:
-        for proc in procs.values():
-            proc.wait_ready()
+    with running_servers({name: (model_repo, cfg) for name, cfg in configs.items()}, tmp) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.server import ServerProcess, free_port
+from tests.server import ServerProcess, running_servers
 
 pytest_plugins = ["tests.fixtures_server"]
 
@@ -37,14 +37,8 @@ def servers(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "queue": dict(max_wait_ms=60_000, max_batch_rows=100, max_queue_rows=100, max_rows=100, max_samples=100),
         "deadline": dict(max_wait_ms=30_000, request_timeout_s=0.5),
     }
-    procs = {name: ServerProcess(model_repo, tmp / f"{name}-{free_port()}.log", **cfg) for name, cfg in configs.items()}
-    try:
-        for proc in procs.values():
-            proc.wait_ready()
+    with running_servers({name: (model_repo, cfg) for name, cfg in configs.items()}, tmp) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate()
 
 
 async def _post_all(url: str, requests: list[tuple[str, dict[str, Any]]]) -> list[httpx.Response]:
