@@ -14,7 +14,8 @@ the requests whose own rows fail get the error; a CUDA out-of-memory error inste
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -60,6 +61,29 @@ def _to_device(parts: list[np.ndarray], device: torch.device, dtype: torch.dtype
     return host.to(device, non_blocking=pinned)
 
 
+#: On the CPU, a batch of fewer rows than this runs on one intra-op thread; larger ones on all of
+#: torch's threads (its default, or ``OMP_NUM_THREADS``). A small batch gains nothing from a second
+#: OpenMP thread, and while the event loop and the clients keep the other cores busy, every parallel
+#: region waits for a thread that is not running: on 2 cores under load, a one-row moons
+#: ``log_prob`` took 16 ms on 2 threads and 0.4 ms on one (bench/FINDINGS.md). Batches of 8192 rows
+#: (bulk requests, when the event loop is idle) still gain from every core.
+SINGLE_THREAD_ROWS = 4096
+_THREADS = torch.get_num_threads()
+
+
+@contextmanager
+def _intra_op_threads(device: torch.device, rows: int) -> Iterator[None]:
+    """One torch thread for a small CPU batch (see :data:`SINGLE_THREAD_ROWS`), else unchanged."""
+    if device.type != "cpu" or rows >= SINGLE_THREAD_ROWS or _THREADS == 1:
+        yield
+        return
+    torch.set_num_threads(1)  # the worker thread is the only one that runs torch
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_THREADS)
+
+
 def run_pass(model: Any, pass_: Pass, rows: list[np.ndarray], context: list[np.ndarray] | None) -> np.ndarray:
     """Run one pass over the concatenated row blocks; return packed CPU columns ``[z|x, scalars...]``.
 
@@ -70,7 +94,7 @@ def run_pass(model: Any, pass_: Pass, rows: list[np.ndarray], context: list[np.n
     x = _to_device(rows, device, dtype)
     c = None if context is None else _to_device(context, device, dtype)
     b = x.shape[0]
-    with torch.inference_mode():
+    with torch.inference_mode(), _intra_op_threads(device, b):
         if pass_ is Pass.ENCODE:
             enc = model.encode(x, c)
             columns = (enc.z, enc.log_det, enc.base_log_prob, enc.log_prob)
