@@ -15,6 +15,7 @@ shows up as a lower ratio instead of a lower ceiling.
 from __future__ import annotations
 
 import argparse
+import gc
 
 import numpy as np
 import orjson
@@ -68,10 +69,15 @@ def main() -> None:
     import uvicorn
 
     # the uvicorn.Config of service/commands/serve.py: one process, loop and http "auto" (uvloop and
-    # httptools when installed), access log on at level info, no Server header
+    # httptools when installed), access log on at level info, no Server header;
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             server_header=False)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    # and the garbage-collector tuning of service/commands/serve.py (_tune_gc)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+    server.run()
 
 
 if __name__ == "__main__":

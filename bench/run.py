@@ -51,6 +51,7 @@ __all__ = ["main", "Plan"]
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_MAX_BATCH_ROWS = 8192  # flowserve's default max_batch_rows (service/settings.py)
+SCENARIOS = ("startup", "concurrency", "bulk", "mixed")
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Plan:
     bulk_rows: int = 100_000
     bulk_repeats: int = 3
     limit_repeats: int = 3
-    budget_s: float = 10.0  # time for the repeats of one measurement
+    budget_s: float = 6.0  # time for the repeats of one measurement
     request_budget_s: float = 8.0  # a bulk request of a slow model gets fewer rows than bulk_rows past this
     mixed_connections: int = 16
     mixed_duration: float = 8.0
@@ -97,6 +98,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default=None, help="override the concurrencies, e.g. 1,16,64,256")
     p.add_argument("--duration", type=float, default=None, help="seconds per load run")
     p.add_argument("--rows", type=int, default=None, help="rows of the bulk and sampling requests")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"which parts to run, comma-separated (default: all of {','.join(SCENARIOS)})")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where results go")
     p.add_argument("--name", default=None, help="results file stem (default: the date, plus the device if not cpu)")
     p.add_argument("--readme", type=Path, action="append", default=None,
@@ -215,10 +218,16 @@ def run(args: argparse.Namespace, results: dict[str, Any],
     for key in [k for k in os.environ if k.startswith("FLOWSERVE_")]:
         os.environ.pop(key)
 
-    _log("start-up and idle memory")
-    results["startup"] = measure_startup(args, plan)
-    _log(f"  ready in {results['startup']['ready_seconds']:.2f} s, idle RSS {results['startup']['idle_rss_mb']:.0f} MB")
-    checkpoint(results)
+    chosen = {name.strip() for name in args.scenarios.split(",") if name.strip()}
+    if unknown := chosen - set(SCENARIOS):
+        raise SystemExit(f"bench: unknown scenarios {sorted(unknown)}; choose from {list(SCENARIOS)}")
+    results["scenarios_run"] = [name for name in SCENARIOS if name in chosen]
+    if "startup" in chosen:
+        _log("start-up and idle memory")
+        results["startup"] = measure_startup(args, plan)
+        _log(f"  ready in {results['startup']['ready_seconds']:.2f} s, "
+             f"idle RSS {results['startup']['idle_rss_mb']:.0f} MB")
+        checkpoint(results)
 
     with tempfile.TemporaryDirectory(prefix="flowserve-bench-") as tmp, ExitStack() as stack:
         repo, names = _work_models(args, Path(tmp))
@@ -237,18 +246,18 @@ def run(args: argparse.Namespace, results: dict[str, Any],
                 raise SystemExit(f"bench: {name!r} is conditional; benchmark unconditional models only")
             model = model.to(device)
             data[name] = lim.realistic_rows(model, plan.bulk_rows)
+            if "bulk" not in chosen:
+                continue
             _log(f"model limit: {name} ({model.features} features, {model.dtype}, {device})")
             entry: dict[str, Any] = {"features": model.features, "dtype": str(model.dtype).removeprefix("torch.")}
             rows_for[name] = {}
             for op, limit in (("log_prob", lim.encode_limit(model, data[name])),
                               ("sample", lim.decode_limit(model, plan.bulk_rows))):
-                probe = limit.probe(DEFAULT_MAX_BATCH_ROWS, thread_counts)
-                n = _rows_within(probe["rows_per_s"], plan)
-                entry[op] = {**limit.measure(n, batch_sizes, probe["threads"], plan.limit_repeats, plan.budget_s),
-                             "probe": probe}
+                n = _rows_within(limit.probe(DEFAULT_MAX_BATCH_ROWS), plan)
+                entry[op] = limit.measure(n, batch_sizes, thread_counts, plan.limit_repeats, plan.budget_s)
                 rows_for[name][op] = n
-                _log(f"  {op}: {entry[op]['rows_per_s']:,.0f} rows/s over {n:,} rows "
-                     f"({probe['threads']} thread(s); probe {probe['rows_per_s_by_threads']})")
+                _log(f"  {op}: {entry[op]['rows_per_s']:,.0f} rows/s over {n:,} rows ({entry[op]['best']}; "
+                     + ", ".join(f"{k} {v:,.0f}" for k, v in entry[op]["rows_per_s_by_config"].items()) + ")")
             limits[name] = entry
             del model
         results["limits"] = limits
@@ -269,7 +278,7 @@ def run(args: argparse.Namespace, results: dict[str, Any],
 
         # -- 1, 2: one-row log_prob sweeps --------------------------------------------------------
         sweep_rows: list[dict] = results["scenarios"]["concurrency"]
-        for name in names:
+        for name in names if "concurrency" in chosen else []:
             body = rows_json(data[name][:1])
             request = Request(_paths(name)["log_prob"], body)
             for kind, server in servers.items():
@@ -287,7 +296,7 @@ def run(args: argparse.Namespace, results: dict[str, Any],
         # -- 3, 4: bulk ---------------------------------------------------------------------------
         fs = servers["flowserve"]
         bulk_rows, sample_rows = results["scenarios"]["bulk"], results["scenarios"]["sample"]
-        for name in names:
+        for name in names if "bulk" in chosen else []:
             n = rows_for[name]["log_prob"]
             warm_n = min(n, 1024)
             x = data[name][:n]
@@ -312,29 +321,34 @@ def run(args: argparse.Namespace, results: dict[str, Any],
         checkpoint(results)
 
         # -- 5: mixed -----------------------------------------------------------------------------
-        name = names[0]
-        x = data[name]
-        paths = _paths(name)
-        requests = {
-            "log_prob": (Request(paths["log_prob"], rows_json(x[:1])), 1),
-            "score": (Request(paths["score"], rows_json(x[:16])), 16),
-            "sample": (Request(paths["sample"], json_body({"n": 64, "seed": 3})), 64),
-            "inverse": (Request(paths["inverse"], rows_json(x[:4])), 4),
-        }
-        _log(f"mixed load on {name}: {plan.mixed_connections} connections per operation")
-        mixed_rows = mixed(fs, requests, plan.mixed_connections, plan.mixed_duration, generator, model=name)
-        total = plan.mixed_connections * len(requests)
-        ceiling_at = next((r for r in sweep_rows if r["model"] == name and r["server"] == "ceiling"
-                           and r["concurrency"] == total), None)
-        for row in mixed_rows:
-            row["total_concurrency"] = total
-            row["p99_ratio_to_ceiling"] = row["p99_ms"] / ceiling_at["p99_ms"] if ceiling_at else None
-            _log(f"  {row['op']:<8} {row['rps']:7.0f} req/s p50 {row['p50_ms']:6.1f} ms p99 {row['p99_ms']:6.1f} ms")
-        results["scenarios"]["mixed"] = mixed_rows
+        if "mixed" in chosen:
+            _mixed(fs, names[0], data[names[0]], plan, generator, sweep_rows, results)
 
     results["complete"] = True
     results["wall_seconds"] = time.perf_counter() - started
     return results
+
+
+def _mixed(fs: ServerProcess, name: str, x: np.ndarray, plan: Plan, generator: str, sweep_rows: list[dict],
+           results: dict[str, Any]) -> None:
+    """Scenario 5 on model ``name``: every operation at once, each from its own load generator."""
+    paths = _paths(name)
+    requests = {
+        "log_prob": (Request(paths["log_prob"], rows_json(x[:1])), 1),
+        "score": (Request(paths["score"], rows_json(x[:16])), 16),
+        "sample": (Request(paths["sample"], json_body({"n": 64, "seed": 3})), 64),
+        "inverse": (Request(paths["inverse"], rows_json(x[:4])), 4),
+    }
+    _log(f"mixed load on {name}: {plan.mixed_connections} connections per operation")
+    mixed_rows = mixed(fs, requests, plan.mixed_connections, plan.mixed_duration, generator, model=name)
+    total = plan.mixed_connections * len(requests)
+    ceiling_at = next((r for r in sweep_rows if r["model"] == name and r["server"] == "ceiling"
+                       and r["concurrency"] == total), None)
+    for row in mixed_rows:
+        row["total_concurrency"] = total
+        row["p99_ratio_to_ceiling"] = row["p99_ms"] / ceiling_at["p99_ms"] if ceiling_at else None
+        _log(f"  {row['op']:<8} {row['rps']:7.0f} req/s p50 {row['p50_ms']:6.1f} ms p99 {row['p99_ms']:6.1f} ms")
+    results["scenarios"]["mixed"] = mixed_rows
 
 
 def write(results: dict[str, Any], out: Path, stem: str, readmes: list[Path]) -> dict[str, Path]:
