@@ -46,7 +46,8 @@ def _wrk_version() -> str | None:
     if not shutil.which("wrk"):
         return None
     out = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
-    return (out.stdout or out.stderr).splitlines()[0].strip() if (out.stdout or out.stderr) else "wrk"
+    text = (out.stdout or out.stderr or "wrk").splitlines()[0]
+    return text.split(" [")[0].strip()
 
 
 def machine_info() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown", "plot", "update_readme"]
+__all__ = ["markdown", "plot", "summary", "update_readme"]
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -110,6 +110,40 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
                       f"{st['idle_rss_mb']:.0f} MB with models {', '.join(st['models'])}."]
     if plot_name:
         lines += ["", f"![throughput and p99 against concurrency]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _unit(t: dict) -> str:
+    return "×" if t["unit"] == "x" else f" {t['unit']}"
+
+
+def summary(results: dict[str, Any], plot_path: str | None, report_path: str | None) -> str:
+    """The README block: machine, one line per kind of target (every model's figure), the plot."""
+    from .targets import KINDS
+
+    m = results["machine"]
+    lines = [
+        f"Latest run: {results['date']}, {results['mode']}, device `{results['device']}`, on {_machine_line(m)} "
+        f"(load average at start {m['load_average_at_start'][0]:.2f})."
+        + (f" Full report: [{report_path}]({report_path})." if report_path else ""),
+        "",
+        "| target | figure | needs | met |",
+        "| --- | --- | ---: | :---: |",
+    ]
+    for kind, title in KINDS.items():
+        group = [t for t in results["targets"] if t.get("kind") == kind]
+        if not group:
+            continue
+        figures = ", ".join(
+            ("" if t["model"] is None else f"{t['model']}{' ' + t['name'].split(' bulk ')[1].split(' ')[0] if kind.startswith('bulk') else ''} ")
+            + ("–" if t["figure"] is None else f"{t['figure']:.2f}{_unit(t)}")
+            for t in group
+        )
+        verdicts = {t["met"] for t in group}
+        met = "yes" if verdicts == {True} else "**no**" if verdicts == {False} else "partly"
+        lines.append(f"| {title} | {figures} | {group[0]['op']} {group[0]['threshold']:g}{_unit(group[0])} | {met} |")
+    if plot_path:
+        lines += ["", f"![throughput and p99 against concurrency]({plot_path})"]
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ from .bodies import json_body, npy_body, rows_json
 from .loadgen import Request, generator_name
 from .machine import machine_info
 from .models import make_nsf8
-from .report import markdown, plot, update_readme
+from .report import markdown, plot, summary, update_readme
 from .scenarios import JSON, NPY, BulkFailed, bulk, mixed, sweep, warm_up
 from .server import ServerProcess, ceiling_argv, flowserve_argv, free_port
 from .targets import evaluate
@@ -362,7 +362,11 @@ def write(results: dict[str, Any], out: Path, stem: str, readmes: list[Path]) ->
     paths["md"].write_text(markdown(results, paths["png"].name if has_plot else None), encoding="utf-8")
     for readme in readmes:
         rel = os.path.relpath(out, readme.parent)
-        block = markdown(results, f"{rel}/{paths['png'].name}" if has_plot else None)
+        png = f"{rel}/{paths['png'].name}" if has_plot else None
+        if readme.resolve().parent == BENCH_DIR:  # the harness's own README: the whole report
+            block = markdown(results, png)
+        else:
+            block = summary(results, png, f"{rel}/{paths['md'].name}")
         if update_readme(readme, block):
             _log(f"updated the bench block of {readme}")
     return paths
