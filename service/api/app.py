@@ -72,8 +72,12 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     auth.install(app, settings)
     binary.install()
     app.include_router(health.router)
-    app.include_router(models.router, dependencies=[Depends(auth.require_api_key)])
-    app.include_router(operations.router, dependencies=[Depends(auth.require_api_key)])
+    # Without API keys the model routes carry no key dependency at all: FastAPI's dependency
+    # solving (HTTPBearer included) would cost every request on the hot path for a check that
+    # always passes.
+    keyed = [Depends(auth.require_api_key)] if settings.api_keys else []
+    app.include_router(models.router, dependencies=keyed)
+    app.include_router(operations.router, dependencies=keyed)
     app.include_router(admin.router, dependencies=[Depends(auth.require_admin_key)])
     app.include_router(v2.router)
     openapi.install(app)
