@@ -1,9 +1,10 @@
 r"""The model limit: what the model itself does in-process, with no HTTP and no batching worker.
 
 For ``n`` rows and batch size ``b``, the rows are cut into ``⌈n / b⌉`` chunks and each chunk goes
-through :meth:`DensityModel.log_prob` (or, for sampling, :meth:`DensityModel.draw_latents` for all
-``n`` on the CPU and :meth:`DensityModel.decode` per chunk, as the server does) under
-``torch.inference_mode()``, in the model's dtype, on the server's device.
+through :meth:`DensityModel.encode_packed` (or, for sampling, :meth:`DensityModel.draw_latents` for
+all ``n`` on the CPU and :meth:`DensityModel.decode_packed` per chunk, as the server does) under
+``torch.inference_mode()``, in the model's dtype, on the server's device, with the model traced as
+the server traces it by default (:mod:`service.tracing`), so both run the same graphs.
 
 The limit is the fastest run over torch intra-op thread counts (the server's, i.e. torch's default
 in a fresh process, and 1), batch sizes (the server's ``max_batch_rows``, and ``n`` in one call when
@@ -23,15 +24,18 @@ import torch
 
 from service.density import DensityModel
 from service.repository import ModelRepository
+from service.tracing import try_trace
 
 __all__ = ["load_model", "realistic_rows", "Limit", "encode_limit", "decode_limit"]
 
 Chunked = Callable[[int, int], None]  # (rows, batch size) -> run that many rows in chunks
 
 
-def load_model(model_dir: Path | str, name: str) -> DensityModel:
-    """The model as the server loads it (latest version, CPU)."""
-    return ModelRepository(model_dir).load(name).model
+def load_model(model_dir: Path | str, name: str, device: torch.device | str = "cpu") -> DensityModel:
+    """The model as the server loads it by default (latest version, on ``device``, traced passes)."""
+    model = ModelRepository(model_dir).load(name, device=device).model
+    try_trace(model, name)
+    return model
 
 
 def realistic_rows(model: DensityModel, n: int, seed: int = 0, distinct: int = 4096) -> np.ndarray:
@@ -116,7 +120,7 @@ def encode_limit(model: DensityModel, x: np.ndarray) -> Limit:
     def chunked(n: int, b: int) -> None:
         with torch.inference_mode():
             for i in range(0, n, b):
-                model.log_prob(xt[i : min(i + b, n)])
+                model.encode_packed(xt[i : min(i + b, n)])
 
     return Limit(model, chunked, xt.shape[0])
 
@@ -128,6 +132,6 @@ def decode_limit(model: DensityModel, max_rows: int, seed: int = 1) -> Limit:
         with torch.inference_mode():
             z = model.draw_latents(n, seed=seed).to(model.device)
             for i in range(0, n, b):
-                model.decode(z[i : i + b])
+                model.decode_packed(z[i : i + b])
 
     return Limit(model, chunked, max_rows)

@@ -244,10 +244,9 @@ def run(args: argparse.Namespace, results: dict[str, Any],
         batch_sizes = [DEFAULT_MAX_BATCH_ROWS, plan.bulk_rows]
         thread_counts = [torch.get_num_threads(), 1]  # the server's (torch's default) and one
         for name in names:
-            model = lim.load_model(repo, name)
+            model = lim.load_model(repo, name, device)
             if model.context_features:
                 raise SystemExit(f"bench: {name!r} is conditional; benchmark unconditional models only")
-            model = model.to(device)
             data[name] = lim.realistic_rows(model, plan.bulk_rows)
             if "bulk" not in chosen:
                 continue

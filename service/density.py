@@ -22,14 +22,27 @@ not depend on the other rows of its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .flows import build_flow
 
-__all__ = ["DensityModel", "Encoded", "Decoded", "Sampled"]
+__all__ = ["DensityModel", "Encoded", "Decoded", "Sampled", "ENCODE_COLUMNS", "DECODE_COLUMNS", "PassRunner"]
+
+#: The columns of :meth:`DensityModel.encode_packed`'s ``(B, D + 3)`` result, in order (``z`` is D wide).
+ENCODE_COLUMNS = ("z", "log_det", "base_log_prob", "log_prob")
+#: The columns of :meth:`DensityModel.decode_packed`'s ``(B, D + 1)`` result, in order (``x`` is D wide).
+DECODE_COLUMNS = ("x", "log_prob")
+
+
+class PassRunner(Protocol):
+    """A faster, equivalent implementation of the packed passes (see :mod:`service.tracing`)."""
+
+    def encode(self, x: Tensor, context: Tensor | None) -> Tensor: ...
+
+    def decode(self, z: Tensor, context: Tensor | None) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class DensityModel(nn.Module):
         self.flow = build_flow(flow_spec).to(dtype)
         self.register_buffer("shift", shift)
         self.register_buffer("scale", scale)
+        self._runner: PassRunner | None = None
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -98,7 +112,7 @@ class DensityModel(nn.Module):
     def device(self) -> torch.device:
         return self.shift.device
 
-    def _dist(self, context: Tensor | None, rows: int) -> Any:
+    def _check_context(self, context: Tensor | None, rows: int) -> None:
         if self.context_features:
             if context is None:
                 raise ValueError(f"this model needs {self.context_features} context features per row")
@@ -106,10 +120,12 @@ class DensityModel(nn.Module):
                 raise ValueError(
                     f"context must have shape ({rows}, {self.context_features}), got {tuple(context.shape)}"
                 )
-            return self.flow(context.to(self.dtype))
-        if context is not None:
+        elif context is not None:
             raise ValueError("this model takes no context")
-        return self.flow()
+
+    def _dist(self, context: Tensor | None, rows: int) -> Any:
+        self._check_context(context, rows)
+        return self.flow(context.to(self.dtype)) if self.context_features else self.flow()
 
     def _standardisation_log_det(self) -> Tensor:
         r""":math:`\log |\det \partial s / \partial x| = -\sum_j \log \sigma_j`."""
@@ -137,6 +153,53 @@ class DensityModel(nn.Module):
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(x)`` in the data's own units."""
         return self.encode(x, context).log_prob
+
+    # -- packed passes (what a batch computes) ---------------------------------------------------
+    def use_runner(self, runner: PassRunner | None) -> None:
+        """Have :meth:`encode_packed` / :meth:`decode_packed` use ``runner`` (``None``: eager).
+
+        The runner must compute the same function (e.g. :func:`service.tracing.trace_passes`, which
+        checks that it does); it applies only where no gradient is recorded. Moving the model to
+        another device or dtype drops it, since it was built for the old one.
+        """
+        self._runner = runner
+
+    @property
+    def runner(self) -> PassRunner | None:
+        """The packed passes' runner in use (``None``: eager zuko code)."""
+        return self._runner
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DensityModel":
+        self._runner = None  # a runner built for the old device/dtype would be stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _eager_rows(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        self._check_context(context, x.shape[0])
+        return x.to(self.dtype), None if context is None else context.to(self.dtype)
+
+    def encode_packed(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """:meth:`encode` as one ``(B, D + 3)`` tensor of :data:`ENCODE_COLUMNS` in the model's dtype."""
+        x, context = self._eager_rows(x, context)
+        if self._runner is not None and not torch.is_grad_enabled():
+            return self._runner.encode(x, context)
+        return self.encode_columns(x, context)
+
+    def decode_packed(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """:meth:`decode` as one ``(B, D + 1)`` tensor of :data:`DECODE_COLUMNS` in the model's dtype."""
+        z, context = self._eager_rows(z, context)
+        if self._runner is not None and not torch.is_grad_enabled():
+            return self._runner.decode(z, context)
+        return self.decode_columns(z, context)
+
+    def encode_columns(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The eager packed encode (what a runner must reproduce)."""
+        e = self.encode(x, context)
+        return torch.cat([e.z, e.log_det[:, None], e.base_log_prob[:, None], e.log_prob[:, None]], dim=1)
+
+    def decode_columns(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """The eager packed decode (what a runner must reproduce)."""
+        d = self.decode(z, context)
+        return torch.cat([d.x, d.log_prob[:, None]], dim=1)
 
     # -- sampling --------------------------------------------------------------------------------
     def draw_latents(self, n: int, seed: int | None = None, temperature: float = 1.0) -> Tensor:

@@ -25,6 +25,7 @@ from .artifact import ArtifactError, LoadedArtifact
 from .calibration import Calibration
 from .density import DensityModel
 from .repository import ModelRepository
+from .tracing import try_trace
 
 __all__ = [
     "ModelEntry",
@@ -158,12 +159,15 @@ class ModelRegistry:
         repository: where the models live.
         device: where to load them (the device worker's device).
         names: the models to load; ``None`` loads every model in the repository.
+        trace: run each model's passes as checked traced graphs (:mod:`service.tracing`); a model
+            whose trace fails or differs from eager stays eager.
     """
 
     def __init__(self, repository: ModelRepository, device: torch.device | str = "cpu",
-                 names: list[str] | None = None) -> None:
+                 names: list[str] | None = None, trace: bool = True) -> None:
         self.repository = repository
         self.device = torch.device(device)
+        self.trace = trace
         self._requested = names
         self._entries: dict[str, ModelEntry] = {}
         self._generation = itertools.count(1)
@@ -191,6 +195,8 @@ class ModelRegistry:
     def load_version(self, name: str, version: int) -> ServedModel:
         """Load and verify one version onto this registry's device (no swap)."""
         artifact = self.repository.load(name, version, device=self.device)
+        if self.trace:
+            try_trace(artifact.model, f"model {name} version {artifact.version}")
         return ServedModel(artifact, ModelKey(name, artifact.version, next(self._generation)))
 
     def build_entry(self, name: str) -> ModelEntry:

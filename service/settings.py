@@ -12,6 +12,7 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_HOST``             | ``127.0.0.1``  | interface to listen on (``0.0.0.0`` in the container)          |
 | ``FLOWSERVE_PORT``             | ``8000``       | TCP port                                                      |
 | ``FLOWSERVE_LOG_LEVEL``        | ``info``       | ``critical`` .. ``debug``, ``trace``                           |
+| ``FLOWSERVE_TRACE``            | ``true``       | run each model's passes as traced graphs, checked against eager at load (false: eager) |
 | ``FLOWSERVE_MAX_BATCH_ROWS``   | ``8192``       | most rows in one batched model call                           |
 | ``FLOWSERVE_MAX_WAIT_MS``      | ``0``          | extra wait to grow a batch (Triton's ``max_queue_delay``)      |
 | ``FLOWSERVE_MAX_QUEUE_ROWS``   | ``1000000``    | rows waiting in the worker's queues; past it: 503 + Retry-After |
@@ -69,6 +70,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
+    trace: bool = Field(True, description="Run the models' passes as checked TorchScript traces (false: eager).")
     max_batch_rows: int = Field(8192, ge=1, description="Most rows in one batched model call.")
     max_wait_ms: float = Field(0.0, ge=0.0, le=60_000.0, description="Extra wait to grow a batch, ms.")
     max_queue_rows: int = Field(1_000_000, ge=1, description="Bound on rows waiting in the worker's queues.")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Hashable, Protocol
 
+from ..density import DECODE_COLUMNS, ENCODE_COLUMNS
+
 __all__ = ["Pass", "BatchingConfig", "BatchObserver"]
 
 
@@ -22,10 +24,7 @@ class Pass(str, Enum):
 
 
 #: The arrays a request gets back for each pass, in the order the worker packs them.
-OUTPUTS: dict[Pass, tuple[str, ...]] = {
-    Pass.ENCODE: ("z", "log_det", "base_log_prob", "log_prob"),
-    Pass.DECODE: ("x", "log_prob"),
-}
+OUTPUTS: dict[Pass, tuple[str, ...]] = {Pass.ENCODE: ENCODE_COLUMNS, Pass.DECODE: DECODE_COLUMNS}
 
 
 @dataclass(frozen=True)

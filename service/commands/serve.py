@@ -29,6 +29,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "port": (int, "TCP port (FLOWSERVE_PORT, default: 8000)"),
     "device": (str, "auto | cpu | cuda | cuda:N (FLOWSERVE_DEVICE, default: auto)"),
     "log_level": (str, "critical | error | warning | info | debug | trace (FLOWSERVE_LOG_LEVEL, default: info)"),
+    "trace": (str, "true | false: run the models' passes as traced graphs checked against eager (FLOWSERVE_TRACE, default: true)"),
     "max_batch_rows": (int, "most rows in one batched model call (default: 8192)"),
     "max_wait_ms": (float, "extra wait to grow a batch, ms (default: 0)"),
     "max_queue_rows": (int, "rows waiting in the queues before 503 (default: 1000000)"),
