@@ -23,8 +23,7 @@ labels are only ever names of served models (a request for an unknown model coun
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Hashable, Iterator
+from typing import Hashable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -57,6 +56,23 @@ class RequestRecord:
         self.rows = 0
 
 
+class _Tracked:
+    """The context of one tracked request (a plain class: cheaper than ``@contextmanager``)."""
+
+    __slots__ = ("metrics", "record", "start")
+
+    def __init__(self, metrics: "Metrics", record: RequestRecord) -> None:
+        self.metrics, self.record = metrics, record
+
+    def __enter__(self) -> RequestRecord:
+        self.start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        return self.record
+
+    def __exit__(self, *exc: object) -> None:
+        self.metrics._finish(self.record, time.perf_counter() - self.start)
+
+
 class Metrics:
     """The server's metrics and the worker's observer."""
 
@@ -81,22 +97,30 @@ class Metrics:
         self.queue_rows = Gauge("flowserve_queue_rows", "Rows waiting in the device worker's queues.", registry=r)
         self.models_ready = Gauge("flowserve_models_ready", "1 when every configured model is loaded, else 0.",
                                   registry=r)
+        #: (model, version, operation, status) -> the labelled children a finished request updates
+        self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram, Counter]] = {}
 
     # -- requests --------------------------------------------------------------------------------
-    @contextmanager
-    def track(self, operation: str) -> Iterator[RequestRecord]:
-        """Count one operation request; the handler fills in model, version, status and rows."""
-        record = RequestRecord(operation)
-        start = time.perf_counter()
-        self.in_flight.inc()
-        try:
-            yield record
-        finally:
-            self.in_flight.dec()
-            self.requests.labels(record.model, record.version, operation, str(record.status)).inc()
-            self.duration.labels(record.model, operation).observe(time.perf_counter() - start)
-            if record.status == 200 and record.rows:
-                self.rows.labels(record.model, operation).inc(record.rows)
+    def track(self, operation: str) -> "_Tracked":
+        """Count one operation request (``with metrics.track(op) as record:``); the handler fills
+        in model, version, status and rows, and everything is recorded when the block ends."""
+        return _Tracked(self, RequestRecord(operation))
+
+    def _finish(self, record: RequestRecord, seconds: float) -> None:
+        self.in_flight.dec()
+        key = (record.model, record.version, record.operation, record.status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per label set, not per request
+            children = self._children[key] = (
+                self.requests.labels(record.model, record.version, record.operation, str(record.status)),
+                self.duration.labels(record.model, record.operation),
+                self.rows.labels(record.model, record.operation),
+            )
+        requests, duration, rows = children
+        requests.inc()
+        duration.observe(seconds)
+        if record.status == 200 and record.rows:
+            rows.inc(record.rows)
 
     # -- BatchObserver ---------------------------------------------------------------------------
     def on_batch(self, key: Hashable, pass_: object, rows: int, requests: int, compute_seconds: float) -> None:

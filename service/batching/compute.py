@@ -3,8 +3,9 @@
 :func:`run_pass` is the single torch call of a batch: the rows of its segments are copied once
 into one host buffer (pinned when the model is on CUDA) in the model's dtype, moved to the model's
 device once (non-blocking from pinned memory), computed under :func:`torch.inference_mode` (every
-allow-listed flow computes its log-Jacobian analytically, so none needs autograd), packed into one
-``(B, D + k)`` tensor and copied back to the CPU once.
+allow-listed flow computes its log-Jacobian analytically, so none needs autograd) by the model's
+packed pass (one ``(B, D + k)`` tensor; traced graphs when the model has them, see
+:mod:`service.tracing`) and copied back to the CPU once.
 
 :func:`compute` adds failure isolation. A batch that raises is retried request by request, so only
 the requests whose own rows fail get the error; a CUDA out-of-memory error instead halves the batch
@@ -14,13 +15,12 @@ the requests whose own rows fail get the error; a CUDA out-of-memory error inste
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import Pass
+from .config import OUTPUTS, Pass
 from .jobs import Job, Segment
 
 __all__ = ["run_pass", "compute", "is_out_of_memory", "short_message"]
@@ -48,17 +48,31 @@ def short_message(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+#: numpy's name for each model dtype (rows are gathered in numpy on the CPU).
+_NUMPY_DTYPES: dict[torch.dtype, type] = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _to_device(parts: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Concatenate row blocks into one host tensor of ``dtype`` and move it to ``device`` once."""
+    """Concatenate row blocks into one host tensor of ``dtype`` and move it to ``device`` once.
+
+    On the CPU the rows are gathered by numpy into a fresh array that torch then shares: no torch
+    op runs, so the worker does not give up the GIL here (each time it does, it waits for the
+    event loop to hand it back; see :mod:`service.tracing`).
+    """
     total = sum(int(p.shape[0]) for p in parts)
+    width = int(parts[0].shape[1])
     pinned = device.type == "cuda"
-    host = torch.empty((total, int(parts[0].shape[1])), dtype=dtype, pin_memory=pinned)
-    view = host.numpy()
+    if pinned or dtype not in _NUMPY_DTYPES:
+        host = torch.empty((total, width), dtype=dtype, pin_memory=pinned)
+        view = host.numpy()
+    else:
+        view = np.empty((total, width), dtype=_NUMPY_DTYPES[dtype])
+        host = torch.from_numpy(view)
     at = 0
     for part in parts:  # one copy per block, casting to the model's dtype row by row
         view[at : at + part.shape[0]] = part
         at += part.shape[0]
-    return host.to(device, non_blocking=pinned)
+    return host.to(device, non_blocking=True) if pinned else host
 
 
 #: On the CPU, a batch of fewer rows than this runs on one intra-op thread; larger ones on all of
@@ -69,19 +83,21 @@ def _to_device(parts: list[np.ndarray], device: torch.device, dtype: torch.dtype
 #: (bulk requests, when the event loop is idle) still gain from every core.
 SINGLE_THREAD_ROWS = 4096
 _THREADS = torch.get_num_threads()
+_threads_now = _THREADS  # what the worker last set (only the worker thread runs torch)
 
 
-@contextmanager
-def _intra_op_threads(device: torch.device, rows: int) -> Iterator[None]:
-    """One torch thread for a small CPU batch (see :data:`SINGLE_THREAD_ROWS`), else unchanged."""
-    if device.type != "cpu" or rows >= SINGLE_THREAD_ROWS or _THREADS == 1:
-        yield
+def _set_intra_op_threads(device: torch.device, rows: int) -> None:
+    """One torch thread for a small CPU batch (see :data:`SINGLE_THREAD_ROWS`), else all of them.
+
+    The setting stays until a batch needs the other one, so a run of small batches pays nothing.
+    """
+    global _threads_now
+    if device.type != "cpu":
         return
-    torch.set_num_threads(1)  # the worker thread is the only one that runs torch
-    try:
-        yield
-    finally:
-        torch.set_num_threads(_THREADS)
+    want = 1 if rows < SINGLE_THREAD_ROWS else _THREADS
+    if want != _threads_now:
+        torch.set_num_threads(want)
+        _threads_now = want
 
 
 def run_pass(model: Any, pass_: Pass, rows: list[np.ndarray], context: list[np.ndarray] | None) -> np.ndarray:
@@ -94,17 +110,16 @@ def run_pass(model: Any, pass_: Pass, rows: list[np.ndarray], context: list[np.n
     x = _to_device(rows, device, dtype)
     c = None if context is None else _to_device(context, device, dtype)
     b = x.shape[0]
-    with torch.inference_mode(), _intra_op_threads(device, b):
+    _set_intra_op_threads(device, b)
+    with torch.inference_mode():
         if pass_ is Pass.ENCODE:
-            enc = model.encode(x, c)
-            columns = (enc.z, enc.log_det, enc.base_log_prob, enc.log_prob)
+            packed = model.encode_packed(x, c)
         else:
-            dec = model.decode(x, c)
-            columns = (dec.x, dec.log_prob)
-        packed = torch.cat([t.reshape(b, -1).to(dtype) for t in columns], dim=1)
-        host = packed.cpu()  # the one device-to-host copy of the batch
-    out = host.numpy()
-    if out.shape != (b, model.features + len(columns) - 1):
+            packed = model.decode_packed(x, c)
+        if packed.device.type != "cpu" or packed.dtype != dtype:
+            packed = packed.to(dtype).cpu()  # the one device-to-host copy of the batch
+    out = packed.numpy()
+    if out.shape != (b, model.features + len(OUTPUTS[pass_]) - 1):
         raise RuntimeError(f"model returned columns of shape {out.shape} for {b} rows")
     return out
 

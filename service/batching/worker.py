@@ -12,8 +12,8 @@ place torch runs) loops:
    answered :class:`DeadlineExceeded` here and never computed; a job too large for the room left is
    cut, and its remaining rows stay at the head of the queue for the next batch;
 4. compute the batch (:func:`compute.compute`: one torch call, failure isolation, OOM halving);
-5. scatter each segment's rows back to its job and answer finished jobs with
-   ``loop.call_soon_threadsafe`` onto their futures.
+5. scatter each segment's rows back to its job and answer finished jobs with one
+   ``loop.call_soon_threadsafe`` per event loop onto their futures.
 
 The queue is bounded in rows over all queues; a request that would exceed the bound is refused at
 once with :class:`QueueFull` carrying an estimate of when room will be free, from the recent
@@ -88,14 +88,15 @@ class _Batch:
 _Answer = tuple[Job, "dict[str, np.ndarray] | BaseException"]
 
 
-def _settle(future: asyncio.Future, answer: Any) -> None:
-    """Runs on the job's event loop: resolve its future unless it was cancelled meanwhile."""
-    if future.done():
-        return
-    if isinstance(answer, BaseException):
-        future.set_exception(answer)
-    else:
-        future.set_result(answer)
+def _settle_all(settled: list[tuple[asyncio.Future, Any]]) -> None:
+    """Runs on the jobs' event loop: resolve each future unless it was cancelled meanwhile."""
+    for future, answer in settled:
+        if future.done():
+            continue
+        if isinstance(answer, BaseException):
+            future.set_exception(answer)
+        else:
+            future.set_result(answer)
 
 
 class DeviceWorker:
@@ -485,10 +486,14 @@ class DeviceWorker:
 
     @staticmethod
     def _deliver(answers: list[_Answer]) -> None:
+        """Resolve the answered jobs' futures: one wake-up of each event loop, not one per job."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
         for job, answer in answers:
             job.rows = job.context = None  # type: ignore[assignment]  # free the request's rows
+            by_loop.setdefault(job.loop, []).append((job.future, answer))
+        for loop, settled in by_loop.items():
             try:
-                job.loop.call_soon_threadsafe(_settle, job.future, answer)
-            except RuntimeError:  # the job's event loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle_all, settled)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
                 pass
 
