@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import create_app
+    from ..api.fastpath import OperationFastPath
 
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -103,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowserve serve: {e}", file=sys.stderr)
         return 2
     state = app.state.flowserve
+    # uvicorn serves the app behind the operations' fast path (service/api/fastpath.py): the five
+    # operation endpoints skip FastAPI's middleware, routing and dependency solving; the rest is the app's.
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        OperationFastPath(app), host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
         timeout_graceful_shutdown=int(settings.request_timeout_s + 10), server_header=False,
     )
     server = _make_server(config, state.begin_drain, settings.drain_delay_s)

@@ -45,7 +45,7 @@ from ..schemas import (
 )
 from ..state import ServiceState, get_state
 
-__all__ = ["ENDPOINTS", "Endpoint", "router"]
+__all__ = ["ENDPOINTS", "Endpoint", "handle", "router"]
 
 router = APIRouter(prefix="/v1/models", tags=["operations"])
 
@@ -241,7 +241,13 @@ def _encode(payload: dict[str, Any], media: str, endpoint: Endpoint) -> Response
     return binary.encode(payload, media, endpoint.main, headers)
 
 
-async def _handle(request: Request, name: str, version: str | None, endpoint: Endpoint) -> Response:
+async def handle(request: Request, name: str, version: str | None, endpoint: Endpoint) -> Response:
+    """Answer ``endpoint`` on model ``name`` (its ``version``, or the latest when ``None``).
+
+    Raises :class:`Problem` for every failure the client should hear of; anything else is a bug
+    (the app's handlers turn it into a 500). Called by the routes below and, without FastAPI's
+    routing, by :class:`service.api.fastpath.OperationFastPath`.
+    """
     state = get_state(request)
     deadline = time.monotonic() + state.settings.request_timeout_s
     with state.metrics.track(endpoint.name) as record:
@@ -331,10 +337,10 @@ def _register(endpoint: Endpoint) -> None:
     )
 
     async def latest(request: Request, name: str = NAME) -> Response:
-        return await _handle(request, name, None, endpoint)
+        return await handle(request, name, None, endpoint)
 
     async def versioned(request: Request, name: str = NAME, version: str = VERSION) -> Response:
-        return await _handle(request, name, version, endpoint)
+        return await handle(request, name, version, endpoint)
 
     router.add_api_route(f"/{{name}}/{endpoint.name}", latest, methods=["POST"], summary=endpoint.summary,
                          description=description + "\n\nAnswered by the model's latest version.",
