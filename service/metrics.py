@@ -99,6 +99,8 @@ class Metrics:
                                   registry=r)
         #: (model, version, operation, status) -> the labelled children a finished request updates
         self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram, Counter]] = {}
+        #: (worker queue key, pass) -> the labelled batch and queue-wait histograms
+        self._batch_cache: dict[tuple[Hashable, object], tuple[Histogram, Histogram, Histogram, Histogram]] = {}
 
     # -- requests --------------------------------------------------------------------------------
     def track(self, operation: str) -> "_Tracked":
@@ -123,14 +125,24 @@ class Metrics:
             rows.inc(record.rows)
 
     # -- BatchObserver ---------------------------------------------------------------------------
+    def _batch_children(self, key: Hashable, pass_: object) -> tuple[Histogram, Histogram, Histogram, Histogram]:
+        children = self._batch_cache.get((key, pass_))
+        if children is None:
+            model, kind = _model_label(key), str(getattr(pass_, "value", pass_))
+            children = self._batch_cache[(key, pass_)] = (
+                self.batch_rows.labels(model, kind), self.batch_requests.labels(model, kind),
+                self.batch_compute.labels(model, kind), self.queue_wait.labels(model, kind),
+            )
+        return children
+
     def on_batch(self, key: Hashable, pass_: object, rows: int, requests: int, compute_seconds: float) -> None:
-        model, kind = _model_label(key), str(getattr(pass_, "value", pass_))
-        self.batch_rows.labels(model, kind).observe(rows)
-        self.batch_requests.labels(model, kind).observe(requests)
-        self.batch_compute.labels(model, kind).observe(compute_seconds)
+        batch_rows, batch_requests, batch_compute, _ = self._batch_children(key, pass_)
+        batch_rows.observe(rows)
+        batch_requests.observe(requests)
+        batch_compute.observe(compute_seconds)
 
     def on_dequeue(self, key: Hashable, pass_: object, queue_wait_seconds: float) -> None:
-        self.queue_wait.labels(_model_label(key), str(getattr(pass_, "value", pass_))).observe(queue_wait_seconds)
+        self._batch_children(key, pass_)[3].observe(queue_wait_seconds)
 
     def on_queue_depth(self, rows: int) -> None:
         self.queue_rows.set(rows)

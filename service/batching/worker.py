@@ -229,19 +229,10 @@ class DeviceWorker:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         job = self._enqueue(key, model, pass_, rows, context, deadline, loop, future)
+        # one timer per request (no wait_for/shield: they add two futures, a task step and callbacks)
+        timer = None if deadline is None else loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, job)
         try:
-            if deadline is None:
-                return await asyncio.shield(future)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), deadline - time.monotonic())
-            except TimeoutError:
-                with self._cond:
-                    dropped = self._withdraw(job, None)
-                if dropped:
-                    future.cancel()
-                    raise DeadlineExceeded("the deadline passed while the request was queued") from None
-                # its rows are computing (they started in time) or it was just answered: wait for that
-                return await asyncio.shield(future)
+            return await future
         except asyncio.CancelledError:
             with self._cond:
                 self._withdraw(job, WorkerStopped("the request was cancelled"))
@@ -249,6 +240,20 @@ class DeviceWorker:
                 future.exception()  # answered just as it was cancelled: nobody will read it
             future.cancel()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, job: Job) -> None:
+        """The deadline timer of ``job`` (on its event loop): answer 504 unless its rows started.
+
+        A job whose rows are computing gets its result (they started in time); a job cut into
+        chunks is answered by the worker between chunks (:meth:`_execute`).
+        """
+        with self._cond:
+            dropped = self._withdraw(job, None)
+        if dropped and not job.future.done():
+            job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
 
     def _enqueue(
         self,
