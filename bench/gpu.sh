@@ -9,6 +9,7 @@
 #
 # It installs the carried wheels into /tmp/site (nothing into the image), unpacks wrk into
 # /tmp/wrkroot (else the Python load generator is used), checks that torch sees CUDA, runs
+# `python -m bench.cuda_check` (traced and CUDA-graph passes against eager, one-row latency), then
 # `python -m bench --device cuda` (servers on the GPU with FLOWSERVE_DEVICE=cuda, model limits on the
 # GPU) and writes bench/results/<date>-cuda.{json,md,png}; partial results are written after each
 # phase, so a run cut short still leaves figures. With $OUT set (the device tool), they are copied there.
@@ -50,12 +51,15 @@ if sys.argv[1] != "cpu":
 PYEOF
 
 STEM="$(date +%F)-$DEVICE"
+if [ "$DEVICE" != cpu ]; then  # the CUDA path's own checks first: traces, CUDA graphs, one-row latency
+  $PY -m bench.cuda_check --out "$RESULTS/$STEM-check.json" || echo "gpu.sh: bench.cuda_check reported a failure (see above)"
+fi
 timeout --signal=TERM --kill-after=30 "$LIMIT_S" \
   $PY -m bench --device "$DEVICE" --duration 5 --name "$STEM" --out "$RESULTS" --readme "$README" "$@"
 rc=$?
 [ $rc -eq 0 ] || echo "gpu.sh: python -m bench exited $rc (partial results, if any, are in $RESULTS/$STEM.json)"
 if [ -n "${OUT:-}" ]; then
-  cp "$RESULTS/$STEM".* "$OUT"/ 2>/dev/null || true
+  cp "$RESULTS/$STEM".* "$RESULTS/$STEM"-check.json "$OUT"/ 2>/dev/null || true
   cp "$README" "$OUT"/README-bench.md 2>/dev/null || true
 fi
 exit $rc

@@ -25,6 +25,7 @@ from .artifact import ArtifactError, LoadedArtifact
 from .calibration import Calibration
 from .density import DensityModel
 from .repository import ModelRepository
+from .cuda_graphs import use_cuda_graphs
 from .tracing import try_trace
 
 __all__ = [
@@ -161,13 +162,16 @@ class ModelRegistry:
         names: the models to load; ``None`` loads every model in the repository.
         trace: run each model's passes as checked traced graphs (:mod:`service.tracing`); a model
             whose trace fails or differs from eager stays eager.
+        cuda_graphs: on a CUDA device, replay small batches from captured CUDA graphs
+            (:mod:`service.cuda_graphs`); ignored on other devices.
     """
 
     def __init__(self, repository: ModelRepository, device: torch.device | str = "cpu",
-                 names: list[str] | None = None, trace: bool = True) -> None:
+                 names: list[str] | None = None, trace: bool = True, cuda_graphs: bool = True) -> None:
         self.repository = repository
         self.device = torch.device(device)
         self.trace = trace
+        self.cuda_graphs = cuda_graphs
         self._requested = names
         self._entries: dict[str, ModelEntry] = {}
         self._generation = itertools.count(1)
@@ -197,6 +201,8 @@ class ModelRegistry:
         artifact = self.repository.load(name, version, device=self.device)
         if self.trace:
             try_trace(artifact.model, f"model {name} version {artifact.version}")
+        if self.cuda_graphs:
+            use_cuda_graphs(artifact.model)  # on CUDA only: small batches replay captured graphs
         return ServedModel(artifact, ModelKey(name, artifact.version, next(self._generation)))
 
     def build_entry(self, name: str) -> ModelEntry:

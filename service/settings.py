@@ -13,7 +13,8 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_PORT``             | ``8000``       | TCP port                                                      |
 | ``FLOWSERVE_LOG_LEVEL``        | ``info``       | ``critical`` .. ``debug``, ``trace``                           |
 | ``FLOWSERVE_TRACE``            | ``true``       | run each model's passes as traced graphs, checked against eager at load (false: eager) |
-| ``FLOWSERVE_MAX_BATCH_ROWS``   | ``8192``       | most rows in one batched model call                           |
+| ``FLOWSERVE_CUDA_GRAPHS``      | ``true``       | on CUDA, replay batches of up to 4096 rows from captured CUDA graphs (false: launch each kernel) |
+| ``FLOWSERVE_MAX_BATCH_ROWS``   | 8192 / 65536   | most rows in one batched model call (CPU / CUDA default)      |
 | ``FLOWSERVE_MAX_WAIT_MS``      | ``0``          | extra wait to grow a batch (Triton's ``max_queue_delay``)      |
 | ``FLOWSERVE_MAX_QUEUE_ROWS``   | ``1000000``    | rows waiting in the worker's queues; past it: 503 + Retry-After |
 | ``FLOWSERVE_REQUEST_TIMEOUT_S``| ``30``         | each request's deadline; a batch not run by then: 504          |
@@ -42,6 +43,8 @@ from .artifact import check_name
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
 MiB = 1 << 20
+DEFAULT_CPU_BATCH_ROWS = 8192
+DEFAULT_GPU_BATCH_ROWS = 65536
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -71,7 +74,9 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     trace: bool = Field(True, description="Run the models' passes as checked TorchScript traces (false: eager).")
-    max_batch_rows: int = Field(8192, ge=1, description="Most rows in one batched model call.")
+    cuda_graphs: bool = Field(True, description="On CUDA, replay batches of up to 4096 rows from captured CUDA graphs.")
+    max_batch_rows: int | None = Field(
+        None, ge=1, description="Most rows in one batched model call (default: 8192 on the CPU, 65536 on CUDA).")
     max_wait_ms: float = Field(0.0, ge=0.0, le=60_000.0, description="Extra wait to grow a batch, ms.")
     max_queue_rows: int = Field(1_000_000, ge=1, description="Bound on rows waiting in the worker's queues.")
     request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="Per-request deadline, seconds.")
@@ -128,6 +133,13 @@ class Settings(BaseSettings):
                 f"max_samples ({self.max_samples}) exceeds max_queue_rows ({self.max_queue_rows}): such requests could never be queued"
             )
         return self
+
+    def batch_rows_for(self, device: Any) -> int:
+        """``max_batch_rows``, or its default for ``device``: 8192 rows on the CPU, where a larger
+        batch gains nothing, and 65536 on a GPU, which needs large batches to be busy."""
+        if self.max_batch_rows is not None:
+            return self.max_batch_rows
+        return DEFAULT_GPU_BATCH_ROWS if getattr(device, "type", str(device)) == "cuda" else DEFAULT_CPU_BATCH_ROWS
 
     def resolve_device(self) -> Any:
         """The ``torch.device`` to serve on: ``auto`` picks CUDA when available, else the CPU.

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from service.api import create_app
 from service.settings import Settings, SettingsError, load_settings
@@ -17,7 +18,10 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "models").mkdir()
     s = Settings()
     assert (s.model_dir, s.models, s.device, s.host, s.port) == (Path("models"), None, "auto", "127.0.0.1", 8000)
-    assert (s.max_batch_rows, s.max_wait_ms, s.max_queue_rows) == (8192, 0.0, 1_000_000)
+    assert (s.max_batch_rows, s.max_wait_ms, s.max_queue_rows) == (None, 0.0, 1_000_000)
+    assert (s.batch_rows_for(torch.device("cpu")), s.batch_rows_for(torch.device("cuda", 0))) == (8192, 65536)
+    assert s.trace and s.cuda_graphs
+    assert Settings(max_batch_rows=100).batch_rows_for(torch.device("cuda")) == 100
     assert (s.request_timeout_s, s.max_rows, s.max_samples, s.max_body_bytes) == (30.0, 1_000_000, 1_000_000, 256 << 20)
     assert s.drain_delay_s == 0.0 and s.api_keys == [] and s.admin_key is None
 

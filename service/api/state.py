@@ -45,9 +45,10 @@ class ServiceState:
         """Start the worker and begin loading the chosen models (errors in the plan stop the server)."""
         s = self.settings
         device = s.resolve_device()
-        registry = ModelRegistry(ModelRepository(s.model_dir), device, s.models, trace=s.trace)
+        registry = ModelRegistry(ModelRepository(s.model_dir), device, s.models, trace=s.trace,
+                                 cuda_graphs=s.cuda_graphs)
         names = registry.plan()
-        config = BatchingConfig(max_batch_rows=s.max_batch_rows, max_wait_ms=s.max_wait_ms,
+        config = BatchingConfig(max_batch_rows=s.batch_rows_for(device), max_wait_ms=s.max_wait_ms,
                                 max_queue_rows=s.max_queue_rows)
         worker = DeviceWorker(device, config, observer=self.metrics)
         worker.start()
