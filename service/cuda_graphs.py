@@ -143,7 +143,7 @@ def _close(got: Tensor, want: Tensor) -> bool:
     """Equal up to float round-off. Padding a batch changes the matrix shapes, and cuBLAS may then
     sum in another order (as it may for any two batch sizes on a GPU): on the H200, digits' 1000
     rows padded to 1024 differed by up to 9.2e-5 in float32 (bench/cuda_check.py), beyond a few ulps
-    but far below the model's own error. The bound is :math:`\sqrt{\epsilon}` of the dtype, relative
+    but far below the model's own error. The bound is the square root of the dtype's machine epsilon, relative
     and absolute (3.5e-4 in float32, 1.5e-8 in float64)."""
     tol = float(torch.finfo(want.dtype).eps) ** 0.5
     return got.shape == want.shape and bool(torch.allclose(got, want, rtol=tol, atol=tol, equal_nan=True))
