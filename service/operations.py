@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .batching import Pass
+from .intra_op import one_intra_op_thread
 from .registry import ServedModel
 
 if TYPE_CHECKING:
@@ -91,6 +92,11 @@ async def forward(worker: DeviceWorker, served: ServedModel, latents: np.ndarray
     return {"outputs": out["x"], "log_prob": out["log_prob"]}
 
 
+def _draw(served: ServedModel, n: int, seed: int, temperature: float) -> Any:
+    with one_intra_op_thread():
+        return served.model.draw_latents(n, seed, temperature)
+
+
 async def sample(worker: DeviceWorker, served: ServedModel, n: int, seed: int | None = None,
                  temperature: float = 1.0, context: np.ndarray | None = None,
                  deadline: float | None = None) -> dict[str, Any]:
@@ -110,8 +116,8 @@ async def sample(worker: DeviceWorker, served: ServedModel, n: int, seed: int | 
         raise OperationError(f"seed must lie in [0, 2**64 - 1], got {seed}")
     if context is not None and context.ndim == 2 and context.shape[0] == 1 and n != 1:
         context = np.repeat(context, n, axis=0)
-    # the draw is CPU torch work: keep it off the event loop
-    z = await asyncio.to_thread(served.model.draw_latents, n, seed, temperature)
+    # the draw is CPU torch work: off the event loop, on one intra-op thread (service/intra_op.py)
+    z = await asyncio.to_thread(_draw, served, n, seed, temperature)
     latents = z.numpy()
     _check(served, latents, context, "latents")
     out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline)

@@ -24,6 +24,7 @@ import torch
 from .artifact import ArtifactError, LoadedArtifact
 from .calibration import Calibration
 from .density import DensityModel
+from .intra_op import one_intra_op_thread
 from .repository import ModelRepository
 from .cuda_graphs import use_cuda_graphs
 from .tracing import try_trace
@@ -197,12 +198,17 @@ class ModelRegistry:
         return names
 
     def load_version(self, name: str, version: int) -> ServedModel:
-        """Load and verify one version onto this registry's device (no swap)."""
-        artifact = self.repository.load(name, version, device=self.device)
-        if self.trace:
-            try_trace(artifact.model, f"model {name} version {artifact.version}")
-        if self.cuda_graphs:
-            use_cuda_graphs(artifact.model)  # on CUDA only: small batches replay captured graphs
+        """Load and verify one version onto this registry's device (no swap).
+
+        Runs on one torch intra-op thread (:mod:`service.intra_op`: loading runs in a helper thread,
+        which must not keep an OpenMP pool of its own).
+        """
+        with one_intra_op_thread():
+            artifact = self.repository.load(name, version, device=self.device)
+            if self.trace:
+                try_trace(artifact.model, f"model {name} version {artifact.version}")
+            if self.cuda_graphs:
+                use_cuda_graphs(artifact.model)  # on CUDA only: small batches replay captured graphs
         return ServedModel(artifact, ModelKey(name, artifact.version, next(self._generation)))
 
     def build_entry(self, name: str) -> ModelEntry:

@@ -83,7 +83,7 @@ def _to_device(parts: list[np.ndarray], device: torch.device, dtype: torch.dtype
 #: (bulk requests, when the event loop is idle) still gain from every core.
 SINGLE_THREAD_ROWS = 4096
 _THREADS = torch.get_num_threads()
-_threads_now = _THREADS  # what the worker last set (only the worker thread runs torch)
+_threads_now = 0  # what the worker last set (0: nothing yet, so its first batch sets it)
 
 
 def _set_intra_op_threads(device: torch.device, rows: int) -> None:
