@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from service.density import DensityModel
+from service.registry import ModelRegistry
 from service.repository import ModelRepository
-from service.tracing import try_trace
 
 __all__ = ["load_model", "realistic_rows", "Limit", "encode_limit", "decode_limit"]
 
@@ -32,10 +32,10 @@ Chunked = Callable[[int, int], None]  # (rows, batch size) -> run that many rows
 
 
 def load_model(model_dir: Path | str, name: str, device: torch.device | str = "cpu") -> DensityModel:
-    """The model as the server loads it by default (latest version, on ``device``, traced passes)."""
-    model = ModelRepository(model_dir).load(name, device=device).model
-    try_trace(model, name)
-    return model
+    """The model as the server loads it by default (latest version, on ``device``, the registry's
+    load: traced passes, CUDA graphs on a GPU)."""
+    repository = ModelRepository(model_dir)
+    return ModelRegistry(repository, device).load_version(name, max(repository.versions(name))).model
 
 
 def realistic_rows(model: DensityModel, n: int, seed: int = 0, distinct: int = 4096) -> np.ndarray:

@@ -36,6 +36,8 @@ import numpy as np
 import orjson
 import torch
 
+from service.settings import default_batch_rows
+
 from . import limits as lim
 from .bodies import json_body, npy_body, rows_json
 from .loadgen import Request, generator_name
@@ -53,7 +55,6 @@ __all__ = ["main", "Plan"]
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_MAX_BATCH_ROWS = 8192  # flowserve's default max_batch_rows (service/settings.py)
 SCENARIOS = ("startup", "concurrency", "bulk", "mixed")
 
 
@@ -211,8 +212,7 @@ def run(args: argparse.Namespace, results: dict[str, Any],
         "plan": asdict(plan),
         "generator": generator,
         "settings": {"flowserve": "defaults (no FLOWSERVE_* set) except FLOWSERVE_DEVICE",
-                     "flowserve-nobatch": "defaults + FLOWSERVE_MAX_BATCH_ROWS=1",
-                     "max_batch_rows": DEFAULT_MAX_BATCH_ROWS},
+                     "flowserve-nobatch": "defaults + FLOWSERVE_MAX_BATCH_ROWS=1"},
         "models": [],
         "scenarios": {"concurrency": [], "bulk": [], "sample": [], "mixed": []},
     })
@@ -241,7 +241,9 @@ def run(args: argparse.Namespace, results: dict[str, Any],
         limits: dict[str, Any] = {}
         data: dict[str, np.ndarray] = {}
         rows_for: dict[str, dict[str, int]] = {}
-        batch_sizes = [DEFAULT_MAX_BATCH_ROWS, plan.bulk_rows]
+        server_batch_rows = default_batch_rows(device)  # what the flowserve server batches by on it
+        results["settings"]["max_batch_rows"] = server_batch_rows
+        batch_sizes = [server_batch_rows, plan.bulk_rows]
         thread_counts = [torch.get_num_threads(), 1]  # the server's (torch's default) and one
         for name in names:
             model = lim.load_model(repo, name, device)
@@ -255,7 +257,7 @@ def run(args: argparse.Namespace, results: dict[str, Any],
             rows_for[name] = {}
             for op, limit in (("log_prob", lim.encode_limit(model, data[name])),
                               ("sample", lim.decode_limit(model, plan.bulk_rows))):
-                n = _rows_within(limit.probe(DEFAULT_MAX_BATCH_ROWS), plan)
+                n = _rows_within(limit.probe(server_batch_rows), plan)
                 entry[op] = limit.measure(n, batch_sizes, thread_counts, plan.limit_repeats, plan.budget_s)
                 rows_for[name][op] = n
                 _log(f"  {op}: {entry[op]['rows_per_s']:,.0f} rows/s over {n:,} rows ({entry[op]['best']}; "

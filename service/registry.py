@@ -23,10 +23,10 @@ import torch
 
 from .artifact import ArtifactError, LoadedArtifact
 from .calibration import Calibration
+from .cuda_graphs import use_cuda_graphs
 from .density import DensityModel
 from .intra_op import one_intra_op_thread
 from .repository import ModelRepository
-from .cuda_graphs import use_cuda_graphs
 from .tracing import try_trace
 
 __all__ = [

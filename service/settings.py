@@ -40,11 +40,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .artifact import check_name
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = ["Settings", "SettingsError", "default_batch_rows", "load_settings"]
 
 MiB = 1 << 20
 DEFAULT_CPU_BATCH_ROWS = 8192
 DEFAULT_GPU_BATCH_ROWS = 65536
+def default_batch_rows(device: Any) -> int:
+    """The default ``max_batch_rows`` on ``device``: 8192 rows on the CPU, where a larger batch
+    gains nothing, and 65536 on a GPU, which needs large batches to be busy."""
+    return DEFAULT_GPU_BATCH_ROWS if getattr(device, "type", str(device)) == "cuda" else DEFAULT_CPU_BATCH_ROWS
+
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -135,11 +141,8 @@ class Settings(BaseSettings):
         return self
 
     def batch_rows_for(self, device: Any) -> int:
-        """``max_batch_rows``, or its default for ``device``: 8192 rows on the CPU, where a larger
-        batch gains nothing, and 65536 on a GPU, which needs large batches to be busy."""
-        if self.max_batch_rows is not None:
-            return self.max_batch_rows
-        return DEFAULT_GPU_BATCH_ROWS if getattr(device, "type", str(device)) == "cuda" else DEFAULT_CPU_BATCH_ROWS
+        """``max_batch_rows``, or :func:`default_batch_rows` for ``device`` when it is not set."""
+        return self.max_batch_rows if self.max_batch_rows is not None else default_batch_rows(device)
 
     def resolve_device(self) -> Any:
         """The ``torch.device`` to serve on: ``auto`` picks CUDA when available, else the CPU.
