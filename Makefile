@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test models bench clean
+.PHONY: setup system-deps run test models bench clean
 
 # torch first, at the pinned CPU build, so that no dependency pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -23,7 +23,11 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/flowserve serve --model-dir models --host $(HOST) --port $(PORT)
 
-test: setup
+# Debian tools some tests drive for real (scripts/system-deps.sh; skipped tests say which is missing).
+system-deps:
+	@bash scripts/system-deps.sh
+
+test: setup system-deps
 	$(PY) -m pytest -q
 
 models: setup
