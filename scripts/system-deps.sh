@@ -5,6 +5,8 @@
 # One line per package: "<package> <a command it provides>".
 set -u
 PACKAGES="
+haproxy haproxy
+prometheus promtool
 "
 missing=()
 while read -r package command; do

@@ -13,11 +13,16 @@ Named by Prometheus conventions (base units, ``_total`` for counters, ``_seconds
 | ``flowserve_batch_rows``                | histogram | model, pass (its ``_count`` = batches) |
 | ``flowserve_batch_requests``            | histogram | model, pass (requests per batch)     |
 | ``flowserve_queue_rows``                | gauge     | (none): rows waiting in the worker   |
+| ``flowserve_model_queue_rows``          | gauge     | model, version, pass: rows waiting for that model version and pass |
 | ``flowserve_models_ready``              | gauge     | (none): 1 when every model is loaded |
 
 :class:`Metrics` is also the device worker's :class:`~service.batching.BatchObserver`. Model
 labels are only ever names of served models (a request for an unknown model counts as
 ``model="_unknown"``), so clients cannot grow the label sets.
+
+The registry also carries prometheus-client's default collectors, registered on it rather than on
+the global registry: ``process_*`` (CPU seconds, resident memory, open file descriptors, start
+time: what a replica's memory alert and dashboard read), ``python_info`` and ``python_gc_*``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,18 @@ from __future__ import annotations
 import time
 from typing import Hashable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestRecord", "UNKNOWN_MODEL"]
 
@@ -34,6 +50,14 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROW_BUCKETS = tuple(float(1 << k) for k in range(0, 21, 1))  # 1 .. 1M rows
 REQUEST_BUCKETS = tuple(float(1 << k) for k in range(0, 13))  # 1 .. 4096 requests
+
+
+def _version_label(key: Hashable) -> str:
+    """The version of a worker queue key (``ModelKey(name, version, generation)``, or ``(name, version)``)."""
+    version = getattr(key, "version", None)
+    if version is None and isinstance(key, tuple) and len(key) > 1:
+        version = key[1]
+    return "" if version is None else str(version)
 
 
 def _model_label(key: Hashable) -> str:
@@ -97,8 +121,18 @@ class Metrics:
         self.queue_rows = Gauge("flowserve_queue_rows", "Rows waiting in the device worker's queues.", registry=r)
         self.models_ready = Gauge("flowserve_models_ready", "1 when every configured model is loaded, else 0.",
                                   registry=r)
+        self.model_queue_rows = Gauge("flowserve_model_queue_rows",
+                                      "Rows waiting in the device worker for one model version and pass.",
+                                      ["model", "version", "pass"], registry=r)
+        if registry is None:  # a registry given by the caller keeps what it has (tests build several)
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            if GC_COLLECTOR is not None:  # absent on interpreters without gc.get_stats
+                GCCollector(registry=r)
         #: (model, version, operation, status) -> the labelled children a finished request updates
         self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram, Counter]] = {}
+        #: (worker queue key, pass) -> the labelled per-model queue gauge
+        self._queue_cache: dict[tuple[Hashable, object], Gauge] = {}
         #: (worker queue key, pass) -> the labelled batch and queue-wait histograms
         self._batch_cache: dict[tuple[Hashable, object], tuple[Histogram, Histogram, Histogram, Histogram]] = {}
 
@@ -146,6 +180,15 @@ class Metrics:
 
     def on_queue_depth(self, rows: int) -> None:
         self.queue_rows.set(rows)
+
+    def on_model_queue_depth(self, key: Hashable, pass_: object, rows: int) -> None:
+        """Rows now waiting for one model version (``key``) and pass: the per-model view of
+        ``flowserve_queue_rows``, and what an autoscaler's per-model rule reads."""
+        gauge = self._queue_cache.get((key, pass_))
+        if gauge is None:
+            gauge = self._queue_cache[(key, pass_)] = self.model_queue_rows.labels(
+                _model_label(key), _version_label(key), str(getattr(pass_, "value", pass_)))
+        gauge.set(rows)
 
     # -- exposition ------------------------------------------------------------------------------
     def render(self) -> bytes:
