@@ -60,6 +60,17 @@ def test_model_card(client: httpx.Client, model_repo: Path) -> None:
     assert client.get("/v1/models/cond").json()["context_names"] == ["c0", "c1", "c2"]
 
 
+def test_model_card_calibration_histogram(client: httpx.Client, model_repo: Path) -> None:
+    """The card's histogram is numpy's over the manifest's calibration log-densities: every value counted once."""
+    hist = client.get("/v1/models/moons").json()["calibration"]["histogram"]
+    cal = np.array(manifest(model_repo, "moons", 2)["calibration"])
+    counts, edges = np.histogram(cal, bins=len(hist["counts"]))
+    assert len(hist["edges"]) == len(hist["counts"]) + 1 and len(hist["counts"]) >= 10
+    assert hist["counts"] == counts.tolist() and sum(hist["counts"]) == cal.size
+    assert np.allclose(hist["edges"], edges, rtol=0, atol=0)
+    assert hist["edges"][0] == cal.min() and hist["edges"][-1] == cal.max()
+
+
 def test_model_versions(client: httpx.Client, model_repo: Path) -> None:
     body = client.get("/v1/models/moons/versions").json()
     assert body["name"] == "moons" and body["latest"] == 2

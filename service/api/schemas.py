@@ -298,6 +298,9 @@ class ModelList(BaseModel):
 class CalibrationSummary(BaseModel):
     size: int = Field(..., description="Number m of held-out log-densities.")
     quantiles: dict[str, float] = Field(..., description="Quantiles of the calibration log-densities.")
+    histogram: dict[str, list[float]] | None = Field(
+        None, description="The calibration log-densities in equal-width bins: `edges` (bins + 1 values) and "
+        "`counts` (bins values, summing to `size`; the last bin includes its right edge).")
 
 
 class ModelCard(ModelSummary):
