@@ -3,9 +3,19 @@
 Options override the ``FLOWSERVE_*`` environment variables of the same names (see
 :mod:`service.settings`); anything not given falls back to the environment, then to the defaults.
 
-Shutdown: on SIGTERM (or Ctrl-C) ``/readyz`` turns 503 at once; after ``--drain-delay-s`` (default
-0, for load balancers to notice) the listener closes, requests in flight and everything the worker
-accepted are answered, and the process exits 0. A second signal stops waiting.
+Shutdown: on SIGTERM (or Ctrl-C) ``/readyz`` turns 503 at once, idle kept-alive connections are
+closed at once (their clients reconnect elsewhere) and every answer from then on carries
+``Connection: close``; after ``--drain-delay-s`` (default 0, for load balancers to notice) the
+listener closes, requests in flight and everything the worker accepted are answered, and the
+process exits 0. A second signal stops waiting.
+
+Connections (service/api/connections.py): a request head must arrive within ``--header-timeout-s``,
+its body within ``--body-timeout-s``, idle kept-alive connections close after
+``--timeout-keep-alive-s``, and connections past ``--max-connections`` are answered 503 with
+``Retry-After``. Overload (service/api/shedding.py): an operation whose estimated wait (event-loop
+lag plus the worker's queue over its throughput) exceeds ``--shed-wait-fraction`` of its deadline is
+answered 503 with ``Retry-After`` before its body is read. uvicorn runs its httptools protocol
+(uvicorn[standard]), extended; h11 is not used.
 """
 
 from __future__ import annotations
@@ -39,6 +49,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_samples": (int, "largest n per sample request; 413 above (default: 1000000)"),
     "max_body_bytes": (int, "largest request body, bytes; 413 above (default: 268435456)"),
     "drain_delay_s": (float, "on SIGTERM, answer /readyz 503 this long before closing the listener (default: 0)"),
+    "timeout_keep_alive_s": (float, "close idle kept-alive connections after this long, s (default: 5)"),
+    "header_timeout_s": (float, "a request head must be complete this long after the connection or its first byte, s; else 408 (default: 10)"),
+    "body_timeout_s": (float, "a request body must be complete this long after its head, s; else 408 (default: 60)"),
+    "max_connections": (int, "connections held open; excess ones are answered 503 (default: ulimit -n less 320)"),
+    "shed_wait_fraction": (float, "503 an operation at once when its estimated wait exceeds this fraction of the deadline; 0: never (default: 0.5)"),
 }
 
 
@@ -53,13 +68,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _make_server(config: Any, on_signal: Callable[[], None], drain_delay_s: float) -> Any:
+def _make_server(config: Any, on_signal: Callable[[], None], drain_delay_s: float, drain: Any = None) -> Any:
+    import asyncio
+
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn's server, with readiness turned off first and an optional delay before closing."""
+        """uvicorn's server, with readiness turned off first and an optional delay before closing.
+
+        With ``drain`` (a :class:`~service.api.connections.DrainSignal`) the first signal also sets
+        it and, on the event loop (never inside the signal handler, which may interrupt the loop
+        anywhere), closes every idle connection and marks the others ``Connection: close``.
+        """
 
         _draining = False
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
+        def _close_idle_connections(self) -> None:
+            for connection in list(self.server_state.connections):
+                begin = getattr(connection, "begin_drain", None)
+                if begin is not None:
+                    begin()
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self._draining:  # a second signal: stop waiting (SIGINT forces, as in uvicorn)
@@ -69,6 +102,10 @@ def _make_server(config: Any, on_signal: Callable[[], None], drain_delay_s: floa
                 return
             self._draining = True
             on_signal()
+            if drain is not None:
+                drain.draining = True
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._close_idle_connections)
             if drain_delay_s > 0:
                 timer = threading.Timer(drain_delay_s, self._exit)
                 timer.daemon = True
@@ -94,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import create_app
+    from ..api.connections import ConnectionLimits, DrainSignal, default_max_connections, protocol_class
     from ..api.fastpath import OperationFastPath
+    from ..api.shedding import LoadShedding
 
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -107,11 +146,21 @@ def run(args: argparse.Namespace) -> int:
     state = app.state.flowserve
     # uvicorn serves the app behind the operations' fast path (service/api/fastpath.py): the five
     # operation endpoints skip FastAPI's middleware, routing and dependency solving; the rest is the app's.
-    config = uvicorn.Config(
-        OperationFastPath(app), host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
-        timeout_graceful_shutdown=int(settings.request_timeout_s + 10), server_header=False,
+    # In front of both, load shedding (service/api/shedding.py) refuses operations the deadline cannot wait for.
+    served = LoadShedding(OperationFastPath(app), state, settings.shed_wait_fraction)
+    # uvicorn's httptools protocol with read timeouts, a connection cap and drain (service/api/connections.py);
+    # its own limit_concurrency is not used (it refuses established connections too, without Retry-After).
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections or default_max_connections(),
     )
-    server = _make_server(config, state.begin_drain, settings.drain_delay_s)
+    drain = DrainSignal()
+    config = uvicorn.Config(
+        served, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=int(settings.request_timeout_s + 10), server_header=False,
+        http=protocol_class(limits, drain), timeout_keep_alive=settings.timeout_keep_alive_s,  # type: ignore[arg-type]
+    )
+    server = _make_server(config, state.begin_drain, settings.drain_delay_s, drain)
     _tune_gc()
     server.run()
     return 0 if server.started else 1
