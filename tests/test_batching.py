@@ -31,6 +31,7 @@ from service.batching import (
 )
 from service.density import DensityModel
 from service.flows import flow_spec
+from tests.tolerance import assert_batch_invariant
 
 POISON = 1234.5  # a first coordinate that makes Instrumented raise
 FEATURES, CONTEXT = 3, 2
@@ -139,7 +140,7 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
     for name in want:
         assert got[name].shape == want[name].shape, name
         assert got[name].dtype == want[name].dtype, name
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_batch_invariant(got[name], want[name], err_msg=name)
 
 
 async def start_held(worker: DeviceWorker, model: Instrumented, key: Any = "m") -> asyncio.Task:
