@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -64,3 +65,73 @@ def test_sigterm_drains_in_flight_requests(model_repo: Path, tmp_path: Path) -> 
     assert [len(answers[i].json()["log_prob"]) for i in range(6)] == [1] * 6
     assert len(answers[6].json()["samples"]) == 4 and len(answers[7].json()["samples"]) == 2
 
+
+
+def _read_response(sock: "socket.socket", timeout: float = 30.0) -> bytes:
+    """One whole response (head and ``Content-Length`` body) from ``sock``."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection mid-response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _eof_within(sock: "socket.socket", seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_sigterm_closes_idle_connections_first_and_answers_with_connection_close(model_repo: Path,
+                                                                                tmp_path: Path) -> None:
+    # batches wait up to 2 s to fill, so the request on `busy` is in flight at SIGTERM; the
+    # listener stays open for 4 s after it (drain delay)
+    server: ServerProcess = start_server(model_repo, tmp_path, max_wait_ms=2000, drain_delay_s=4.0)
+    body = b'{"inputs": [[0.5, 0.2]]}'
+    request = (b"POST /v1/models/moons/log_prob HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    busy = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    client = server.client(timeout=30)
+    try:
+        idle.sendall(request)
+        first = _read_response(idle)
+        assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower()  # kept alive
+        assert client.post("/v1/models/moons/log_prob", json={"inputs": [[0.1, 0.1]]}).status_code == 200
+        busy.sendall(request)
+        end = time.monotonic() + 30
+        while server.metric("flowserve_requests_in_flight") < 1:
+            assert time.monotonic() < end, "the request never arrived"
+            time.sleep(0.02)
+
+        server.proc.send_signal(signal.SIGTERM)
+        # the idle kept-alive connection is closed at once, while the listener is still open
+        assert _eof_within(idle, 3.0), "the idle kept-alive connection was not closed on SIGTERM"
+        assert httpx.get(server.url + "/readyz", timeout=5).status_code == 503
+        # the request in flight is answered, with Connection: close, and its connection closed
+        answer = _read_response(busy)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b"connection: close" in answer.lower()
+        assert _eof_within(busy, 10.0)
+        # the pooled client's connection was closed: it reconnects and is answered, Connection: close
+        r = client.post("/v1/models/moons/log_prob", json={"inputs": [[0.3, 0.1]]})
+        assert r.status_code == 200, r.text
+        assert r.headers["connection"] == "close"
+        assert server.proc.wait(60) == 0, server.log()
+    finally:
+        client.close()
+        idle.close()
+        busy.close()
+        server.terminate()
