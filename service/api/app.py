@@ -10,6 +10,7 @@ from fastapi import Depends, FastAPI
 
 from ..metrics import Metrics
 from ..settings import Settings, load_settings
+from .. import ui
 from . import auth, binary, errors, openapi
 from .routes import admin, health, models, operations, v2
 from .state import ServiceState
@@ -81,4 +82,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.include_router(admin.router, dependencies=[Depends(auth.require_admin_key)])
     app.include_router(v2.router)
     openapi.install(app)
+    ui.mount(app)  # the dashboard at /ui (static files over the public API)
     return app
