@@ -20,6 +20,7 @@ from service.cli import main
 from service.client import Client
 from service.inprocess import LocalModel
 from tests.server import ROOT, ServerProcess, free_port
+from tests.tolerance import assert_batch_invariant
 
 pytest_plugins = ["tests.fixtures_server"]
 
@@ -120,12 +121,12 @@ def test_score_in_process_and_through_server_agree(model_repo: Path, server: Ser
     table = np.load(tmp_path / "remote.npy")
     assert table.dtype.names == ("log_prob", "score", "p_value", "is_anomaly")
     assert table["is_anomaly"].dtype == np.bool_ and table["p_value"].dtype == np.float64
-    np.testing.assert_allclose(table["log_prob"], lp, rtol=1e-5)  # batching moves float32 by an ulp at most
+    assert_batch_invariant(table["log_prob"], lp, np.float32)
     np.testing.assert_array_equal(table["is_anomaly"], flags)
 
     # the numbers are the model's: its log-density, and the conformal p-value against its calibration set
     model = LocalModel.load(model_repo, "moons")
-    np.testing.assert_allclose(lp, model.log_prob(x), rtol=1e-5)
+    assert_batch_invariant(lp, model.log_prob(x), np.float32)
     np.testing.assert_array_equal(floats(out["score"]), -lp)
     cal = calibration(model_repo, "moons", 2)
     np.testing.assert_array_equal(floats(out["p_value"]), (1 + np.searchsorted(cal, lp, side="right")) / (cal.size + 1))
@@ -161,10 +162,10 @@ def test_score_conditional_context_by_column_file_and_npz(model_repo: Path, serv
                   tmp_path / "context.csv", "--alpha", "0.05", "-o", tmp_path / "b.npz")
     assert by_column.returncode == 0 and by_file.returncode == 0, by_column.stderr + by_file.stderr
     a, b = read_csv(tmp_path / "a.csv"), np.load(tmp_path / "b.npz")
-    np.testing.assert_allclose(floats(a["log_prob"]), b["log_prob"], rtol=1e-5)
+    assert_batch_invariant(floats(a["log_prob"]), b["log_prob"], np.float32)
     np.testing.assert_array_equal(np.array(a["is_anomaly"]) == "true", b["is_anomaly"])
     expected = LocalModel.load(model_repo, "cond").score(x, c, alpha=0.05)
-    np.testing.assert_allclose(b["log_prob"], expected["log_prob"], rtol=1e-5)
+    assert_batch_invariant(b["log_prob"], expected["log_prob"], np.float32)
     assert b["is_anomaly"][0] and expected["is_anomaly"][0]
 
     table = np.empty(len(x), dtype=[("c1", "f8"), ("x1", "f4"), ("x0", "f8"), ("c0", "i8"), ("c2", "f8")])
@@ -177,7 +178,7 @@ def test_score_conditional_context_by_column_file_and_npz(model_repo: Path, serv
         out = tmp_path / f"{source}.csv"
         assert main(["score", str(tmp_path / source), "--model", "cond", "--model-dir", str(model_repo),
                      "-q", "-o", str(out)]) == 0
-        np.testing.assert_allclose(floats(read_csv(out)["log_prob"]), b["log_prob"], rtol=1e-5)
+        assert_batch_invariant(floats(read_csv(out)["log_prob"]), b["log_prob"], np.float32)
 
 
 # -- sample ------------------------------------------------------------------------------------------------
