@@ -162,7 +162,10 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(model_repo: Pa
     server = start_server(model_repo, tmp_path, max_connections=20, header_timeout_s=30.0)
     held: list[socket.socket] = []
     try:
-        held = [_connect(server) for _ in range(20)]  # 20 idle connections fill the cap
+        held = [_connect(server) for _ in range(20)]  # 20 connections busy reading a head fill the cap
+        for s in held[1:]:
+            s.sendall(b"POST /v1/models/moons/log_prob HTTP/1.1\r\nHost: x\r\n")
+        held[0].sendall(_request("/v1/models/moons/log_prob", LOG_PROB)[:20])
         time.sleep(0.5)
         statuses = []
         for _ in range(5):
@@ -174,7 +177,7 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(model_repo: Pa
             assert r.json()["type"].endswith(":too-many-connections")
             assert r.headers["connection"] == "close"
         # the connections already open are still served
-        held[0].sendall(_request("/v1/models/moons/log_prob", LOG_PROB))
+        held[0].sendall(_request("/v1/models/moons/log_prob", LOG_PROB)[20:])
         assert _read_response(held[0]).startswith(b"HTTP/1.1 200 ")
         for s in held:
             s.close()
@@ -186,6 +189,25 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(model_repo: Pa
                 break
             assert time.monotonic() < end, "the server never served again after the connections closed"
             time.sleep(0.1)
+    finally:
+        for s in held:
+            s.close()
+        server.terminate()
+
+
+def test_at_the_cap_the_longest_idle_connection_makes_room(model_repo: Path, tmp_path: Path) -> None:
+    server = start_server(model_repo, tmp_path, max_connections=20, header_timeout_s=30.0)
+    held: list[socket.socket] = []
+    try:
+        held = [_connect(server) for _ in range(20)]  # 20 silent connections fill the cap
+        time.sleep(0.5)
+        with server.client(timeout=10) as client:  # a working client is served, on one kept-alive connection
+            for _ in range(3):
+                r = client.post("/v1/models/moons/log_prob", json={"inputs": [[0.5, 0.2]]})
+                assert r.status_code == 200, r.text
+        closed = [_closed_within(s, 0.5)[0] for s in held]
+        assert closed[0], "the oldest idle connection was not closed to make room"
+        assert not all(closed), "every idle connection was closed, not just enough to make room"
     finally:
         for s in held:
             s.close()

@@ -15,7 +15,11 @@ limit and ``accept`` fails for everyone. :func:`protocol_class` builds a subclas
 * **head size** (:data:`MAX_HEAD_BYTES`): a head larger than 64 KiB is answered 431 and closed
   (httptools, unlike h11, sets no bound of its own).
 * **connection cap** (``max_connections``): a connection accepted while ``max_connections`` others
-  are open is *excess*: its request is answered 503 ``too-many-connections`` with ``Retry-After``
+  are open first makes room by closing the connection that has been idle longest (nothing of a
+  request received since it opened or since its last answer: a silent or kept-alive one), as
+  nginx reuses its keep-alive connections when it runs short; a working client is thus served
+  while idle ones hold the slots. Only when none is idle (every other connection is reading a
+  head or body or being answered) is the new connection *excess*: its request is answered 503 ``too-many-connections`` with ``Retry-After``
   and ``Connection: close``, without running the app, and it is closed. Established connections are
   never refused (uvicorn's ``limit_concurrency``, by contrast, refuses every request on every
   connection, old ones included, once the count of connections or tasks reaches the limit, with a
@@ -77,10 +81,21 @@ class ConnectionLimits:
 
 
 class DrainSignal:
-    """Shared by the server and its connections: set once SIGTERM began the drain."""
+    """Shared by the server and its connections: set once SIGTERM began the drain; also holds
+    the server's idle connections, oldest first (insertion order of a dict)."""
 
     def __init__(self) -> None:
         self.draining = False
+        self.idle: dict[Any, None] = {}
+
+    def evict_oldest_idle(self, keep: Any) -> bool:
+        """Close the connection idle longest (not ``keep``); whether there was one."""
+        for connection in self.idle:
+            if connection is not keep:
+                del self.idle[connection]
+                connection.transport.close()
+                return True
+        return False
 
 
 def _problem_bytes(status: int, slug: str, detail: str, headers: dict[str, str] | None = None) -> bytes:
@@ -126,6 +141,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         open_now = len(self.connections)  # includes this one
         limits = self.limits
+        if open_now > limits.max_connections and self.drain.evict_oldest_idle(self):
+            open_now -= 1  # room made: the evicted one is closing
+        self.drain.idle[self] = None
         if open_now > limits.max_connections + OVERFLOW_CONNECTIONS:
             transport.abort()  # its descriptor is freed at once; nothing was read, nothing is lost
             return
@@ -136,12 +154,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.drain.idle.pop(self, None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._head_open:
-            if self._head_bytes == 0 and self._timer is None:  # the first byte of a next request
-                self._arm(self.limits.header_timeout_s, self._head_timed_out)
+            if self._head_bytes == 0:  # the first bytes of a next request
+                self.drain.idle.pop(self, None)
+                if self._timer is None:
+                    self._arm(self.limits.header_timeout_s, self._head_timed_out)
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_head_bytes:
                 self._answer_and_close(431, "header-too-large",
@@ -163,6 +184,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         self._head_open = True
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline and self._head_bytes == 0 and not self._excess:
+            self.drain.idle[self] = None  # kept alive, waiting for its next request
 
     # -- timers ----------------------------------------------------------------------------------
     def _arm(self, seconds: float, callback: Any) -> None:
