@@ -11,7 +11,8 @@ the numpy results their own way.
   ``base_log_prob`` :math:`\log p_Z(z)` and ``log_prob`` :math:`= \log p_Z(z) + \log|\det|`.
 - ``sample``: :math:`z = T\varepsilon`, :math:`\varepsilon \sim N(0, I)` drawn on the CPU by a
   generator seeded per request (:meth:`DensityModel.draw_latents`), then decoded; the same seed
-  gives the same rows whatever else the worker batches them with.
+  gives the same rows whatever else the worker batches them with. Its ``n`` rows are admitted
+  first (:meth:`DeviceWorker.reserve`: queue bound, deadline), so a refused request draws nothing.
 - ``score``: :math:`s = -\log p(x)` and the conformal p-value
   :math:`(1 + \#\{i : L_i \le \log p(x)\}) / (m + 1)` against the model's held-out calibration
   log-densities :math:`L_1..L_m`; ``is_anomaly`` is :math:`p \le \alpha`.
@@ -116,11 +117,16 @@ async def sample(worker: DeviceWorker, served: ServedModel, n: int, seed: int | 
         raise OperationError(f"seed must lie in [0, 2**64 - 1], got {seed}")
     if context is not None and context.ndim == 2 and context.shape[0] == 1 and n != 1:
         context = np.repeat(context, n, axis=0)
-    # the draw is CPU torch work: off the event loop, on one intra-op thread (service/intra_op.py)
-    z = await asyncio.to_thread(_draw, served, n, seed, temperature)
-    latents = z.numpy()
-    _check(served, latents, context, "latents")
-    out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline)
+    # the shapes, on a zero-stride stand-in for the latents (no memory), before anything is drawn
+    _check(served, np.broadcast_to(np.zeros((1, served.features), np.float32), (n, served.features)), context,
+           "latents")
+    # admit first: a request refused (queue full, too slow for its deadline) draws nothing
+    with worker.reserve(served.key, Pass.DECODE, n, deadline) as reservation:
+        # the draw is CPU torch work: off the event loop, on one intra-op thread (service/intra_op.py)
+        z = await asyncio.to_thread(_draw, served, n, seed, temperature)
+        latents = z.numpy()
+        out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline,
+                                  reservation=reservation)
     return {"samples": out["x"], "log_prob": out["log_prob"], "latents": latents, "seed": seed}
 
 

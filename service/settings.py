@@ -16,6 +16,7 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_CUDA_GRAPHS``      | ``true``       | on CUDA, replay batches of up to 4096 rows from captured CUDA graphs (false: launch each kernel) |
 | ``FLOWSERVE_MAX_BATCH_ROWS``   | 8192 / 65536   | most rows in one batched model call (CPU / CUDA default)      |
 | ``FLOWSERVE_MAX_WAIT_MS``      | ``0``          | extra wait to grow a batch (Triton's ``max_queue_delay``)      |
+| ``FLOWSERVE_MAX_BATCH_MS``     | ``25``         | time slice of a large request: it runs in chunks of about this much compute, taking turns with other requests (round robin); 0: chunks of ``max_batch_rows`` |
 | ``FLOWSERVE_MAX_QUEUE_ROWS``   | ``1000000``    | rows waiting in the worker's queues; past it: 503 + Retry-After |
 | ``FLOWSERVE_REQUEST_TIMEOUT_S``| ``30``         | each request's deadline; a batch not run by then: 504          |
 | ``FLOWSERVE_MAX_ROWS``         | ``1000000``    | most rows in one request (413 above)                          |
@@ -89,6 +90,8 @@ class Settings(BaseSettings):
     max_batch_rows: int | None = Field(
         None, ge=1, description="Most rows in one batched model call (default: 8192 on the CPU, 65536 on CUDA).")
     max_wait_ms: float = Field(0.0, ge=0.0, le=60_000.0, description="Extra wait to grow a batch, ms.")
+    max_batch_ms: float = Field(25.0, ge=0.0, le=60_000.0,
+                                description="Time slice of a large request's chunks, ms (0: max_batch_rows).")
     max_queue_rows: int = Field(1_000_000, ge=1, description="Bound on rows waiting in the worker's queues.")
     request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="Per-request deadline, seconds.")
     max_rows: int = Field(1_000_000, ge=1, description="Most rows (inputs or latents) in one request.")

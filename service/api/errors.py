@@ -14,7 +14,7 @@ the key ``x1`` of record 3; ``["path", "version"]`` a path parameter.
 | 405    | ``method-not-allowed``                       | e.g. GET on an operation (``Allow`` says which) |
 | 406    | ``not-acceptable``                           | an ``Accept`` header that takes none of JSON, ``.npy``, ``.npz`` |
 | 409    | ``no-calibration``, ``load-failed``          | ``score`` without a calibration set; an admin (re)load whose versions do not load |
-| 413    | ``content-too-large``                        | body over ``max_body_bytes``; rows over ``max_rows``; ``n`` over ``max_samples`` |
+| 413    | ``content-too-large``, ``wont-finish``       | body over ``max_body_bytes``; rows over ``max_rows``; ``n`` over ``max_samples``; rows that at the measured throughput cannot be computed before the deadline |
 | 415    | ``unsupported-media-type``                   | a ``Content-Type`` the endpoint does not read |
 | 422    | ``invalid-field``                            | well-formed but invalid fields: ``n < 1``, ``temperature <= 0``, ``alpha`` outside (0, 1), wrong types, unknown fields |
 | 503    | ``queue-full``, ``not-ready``, ``draining``  | with ``Retry-After`` (seconds)             |

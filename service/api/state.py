@@ -49,7 +49,7 @@ class ServiceState:
                                  cuda_graphs=s.cuda_graphs)
         names = registry.plan()
         config = BatchingConfig(max_batch_rows=s.batch_rows_for(device), max_wait_ms=s.max_wait_ms,
-                                max_queue_rows=s.max_queue_rows)
+                                max_queue_rows=s.max_queue_rows, max_batch_ms=s.max_batch_ms)
         worker = DeviceWorker(device, config, observer=self.metrics)
         worker.start()
         self.worker, self.registry = worker, registry

@@ -14,8 +14,8 @@ isolation), :mod:`.worker` (the thread and its scheduling).
 """
 
 from .config import BatchingConfig, BatchObserver, Pass
-from .errors import BatchingError, ComputeError, DeadlineExceeded, QueueFull, WorkerStopped
-from .worker import DeviceWorker
+from .errors import BatchingError, ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
+from .worker import DeviceWorker, Reservation
 
 __all__ = [
     "BatchObserver",
@@ -26,5 +26,7 @@ __all__ = [
     "DeviceWorker",
     "Pass",
     "QueueFull",
+    "Reservation",
+    "WontFinish",
     "WorkerStopped",
 ]

@@ -38,11 +38,17 @@ class BatchingConfig:
             0 runs at once.
         max_queue_rows: bound on the rows waiting in all queues of the worker; a request that
             would exceed it is refused at once with :class:`~service.batching.QueueFull`.
+        max_batch_ms: time slice of a large request: once the queue's throughput is measured, a
+            request that does not fit whole into ``max_batch_ms`` of compute runs in chunks of about
+            that long, each in a batch of its own, and goes to the back of its queue after each
+            chunk, so a one-row request waits at most about one slice. Small requests still share
+            batches of up to ``max_batch_rows``. 0 turns the slice off (chunks of ``max_batch_rows``).
     """
 
     max_batch_rows: int = 8192
     max_wait_ms: float = 0.0
     max_queue_rows: int = 1_000_000
+    max_batch_ms: float = 25.0
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1:
@@ -51,13 +57,15 @@ class BatchingConfig:
             raise ValueError("max_wait_ms must be >= 0")
         if self.max_queue_rows < 1:
             raise ValueError("max_queue_rows must be >= 1")
+        if not self.max_batch_ms >= 0:
+            raise ValueError("max_batch_ms must be >= 0")
 
 
 class BatchObserver(Protocol):
     """Metrics hook (the API layer implements it with prometheus-client).
 
-    ``on_batch`` and ``on_dequeue`` are called from the worker thread, ``on_queue_depth`` from
-    whichever thread changed the depth (the submitting event loop or the worker). Keep them cheap
+    ``on_batch`` and ``on_dequeue`` are called from the worker thread, ``on_queue_depth`` and
+    ``on_model_queue_depth`` from whichever thread changed the depth (the submitting event loop or the worker). Keep them cheap
     and thread-safe; an exception they raise is logged and otherwise ignored.
     """
 
@@ -70,3 +78,7 @@ class BatchObserver(Protocol):
 
     def on_queue_depth(self, rows: int) -> None:
         """The total rows waiting in all queues of the worker, after every change."""
+
+    def on_model_queue_depth(self, key: Hashable, pass_: Pass, rows: int) -> None:
+        """The rows waiting in the queue of one (key, pass), after every change (optional hook:
+        an observer without it is fine). Called with the lock of the worker held: keep it cheap."""

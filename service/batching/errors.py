@@ -4,7 +4,8 @@ Each maps to one HTTP answer in the API layer, which is the only place that know
 
 | error              | meaning                                                            | HTTP |
 |--------------------|--------------------------------------------------------------------|------|
-| ``QueueFull``      | refused at once: the queue's bound in rows would be exceeded       | 503 + ``Retry-After`` |
+| ``QueueFull``      | refused at once: the queue's bound in rows would be exceeded, or the work queued ahead would not leave it time to finish before its deadline | 503 + ``Retry-After`` |
+| ``WontFinish``     | refused at once: its own rows alone take longer than its deadline allows, at the measured throughput | 413 |
 | ``DeadlineExceeded``| the deadline passed before the request's rows ran; never computed | 504  |
 | ``WorkerStopped``  | the worker is draining or stopped and accepts nothing new          | 503  |
 | ``ComputeError``   | this request's own rows failed to compute (isolated from neighbours)| 500 |
@@ -12,7 +13,7 @@ Each maps to one HTTP answer in the API layer, which is the only place that know
 
 from __future__ import annotations
 
-__all__ = ["BatchingError", "QueueFull", "DeadlineExceeded", "WorkerStopped", "ComputeError"]
+__all__ = ["BatchingError", "QueueFull", "WontFinish", "DeadlineExceeded", "WorkerStopped", "ComputeError"]
 
 
 class BatchingError(Exception):
@@ -20,11 +21,31 @@ class BatchingError(Exception):
 
 
 class QueueFull(BatchingError):
-    """The worker's queue bound in rows would be exceeded; retry after ``retry_after`` seconds."""
+    """The worker's queue bound in rows would be exceeded, or the work ahead is too much for the
+    request's deadline; retry after ``retry_after`` seconds. ``reason`` says which when it is the
+    latter (``None`` for the bound)."""
 
     def __init__(self, retry_after: float, message: str | None = None) -> None:
         self.retry_after = float(retry_after)
+        self.reason = message
         super().__init__(message or f"queue is full; retry after about {self.retry_after:.2f} s")
+
+
+class WontFinish(BatchingError):
+    """The request's own rows take longer than its deadline allows, at the throughput measured for
+    its model and pass: refused at once (never computed), since waiting would not help.
+
+    Attributes: ``seconds`` (the estimated compute), ``rows_per_second`` (the measured rate),
+    ``budget`` (seconds left before the deadline when it was refused), ``rows``.
+    """
+
+    def __init__(self, rows: int, seconds: float, rows_per_second: float, budget: float) -> None:
+        self.rows, self.seconds = int(rows), float(seconds)
+        self.rows_per_second, self.budget = float(rows_per_second), float(budget)
+        super().__init__(
+            f"{self.rows} rows would take about {self.seconds:.1f} s to compute at the measured "
+            f"{self.rows_per_second:,.0f} rows/s, more than the {self.budget:.1f} s left before the deadline"
+        )
 
 
 class DeadlineExceeded(BatchingError):

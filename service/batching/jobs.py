@@ -48,6 +48,7 @@ class Job:
     drop_reason: BaseException | None = None  # drop the rest of it once the batch computing it ends
     done_rows: int = 0
     parts: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    ready_at: float = 0.0  # when it last joined the tail of its queue (arrival, or after a chunk)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and self.deadline <= now
@@ -78,7 +79,8 @@ class Segment:
 
 
 class JobQueue:
-    """The FIFO queue of one (key, pass); ``rows`` counts the rows still waiting in it."""
+    """The queue of one (key, pass), first in first out, except that a job cut into chunks goes
+    back to the tail after each chunk (round robin); ``rows`` counts the rows still waiting in it."""
 
     def __init__(self, key: Hashable, pass_: Pass) -> None:
         self.key = key

@@ -5,19 +5,31 @@ at the tail of its (key, pass) queue and awaits an asyncio future. The worker th
 place torch runs) loops:
 
 1. sleep on a condition variable while every queue is empty (no polling);
-2. pick the queue whose head job arrived first; with ``max_wait_ms > 0`` and a batch that is not
-   yet full, wait until ``arrival + max_wait_ms`` (or the head's deadline) for more rows;
+2. pick the queue whose head job has waited longest (since it arrived, or since it went back to
+   the tail after its last chunk); with ``max_wait_ms > 0`` and a batch that is not yet full, wait
+   until ``arrival + max_wait_ms`` (or the head's deadline) for more rows;
 3. take the queue's jobs in order up to ``max_batch_rows`` rows (continuous batching: whatever
    piled up while the previous batch ran forms the next one). Jobs whose deadline has passed are
-   answered :class:`DeadlineExceeded` here and never computed; a job too large for the room left is
-   cut, and its remaining rows stay at the head of the queue for the next batch;
+   answered :class:`DeadlineExceeded` here and never computed. A *large* job, one with more rows
+   left than fit into the time slice (``max_batch_ms`` at the queue's measured
+   :class:`~.throughput.BulkRate`), runs one chunk of about a slice in a batch of its own; with the
+   slice off, a job too large for the room left is cut to fill it;
 4. compute the batch (:func:`compute.compute`: one torch call, failure isolation, OOM halving);
 5. scatter each segment's rows back to its job and answer finished jobs with one
-   ``loop.call_soon_threadsafe`` per event loop onto their futures.
+   ``loop.call_soon_threadsafe`` per event loop onto their futures. A cut job with rows left goes
+   to the tail of its queue (round robin): everything that arrived while its chunk ran goes
+   first, and since its wait restarts, other queues' heads go before it too. So a one-row request
+   beside a million-row one waits about one slice, not the whole million.
 
-The queue is bounded in rows over all queues; a request that would exceed the bound is refused at
-once with :class:`QueueFull` carrying an estimate of when room will be free, from the recent
-throughput (an exponential moving average of rows per second of compute).
+Admission (:meth:`DeviceWorker.submit`, :meth:`DeviceWorker.reserve`) refuses at once, never
+computing anything: past the bound in rows over all queues, :class:`QueueFull` with an estimate of
+when room will be free; a request whose own rows, at its queue's measured rate, take longer than
+its deadline allows, :class:`WontFinish` (waiting would not help); one that would finish in time
+only if nothing were queued ahead of it, :class:`QueueFull`. Under round robin the work done
+before a job of ``n`` rows finishes is its own ``n`` rows plus at most ``min(r_j, n)`` of every job
+``j`` already waiting, bounded per queue by ``min(rows, n * jobs)``. Before a queue's throughput
+is measured on a full batch, a request is admitted (its first chunk is then at most
+:data:`PROBE_ROWS` rows, which measures it).
 """
 
 from __future__ import annotations
@@ -34,38 +46,42 @@ import torch
 
 from .compute import compute, short_message
 from .config import BatchingConfig, BatchObserver, Pass
-from .errors import ComputeError, DeadlineExceeded, QueueFull, WorkerStopped
+from .errors import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from .jobs import Job, JobQueue, Segment, assemble, check_rows, empty_result
+from .throughput import BULK_ROWS, RETRY_AFTER_BOUNDS, BulkRate, Throughput
 
 if TYPE_CHECKING:
     from ..density import DensityModel
 
-__all__ = ["DeviceWorker"]
+__all__ = ["DeviceWorker", "Reservation", "PROBE_ROWS"]
 
 log = logging.getLogger(__name__)
 
-#: Bounds on the ``retry_after`` estimate of :class:`QueueFull`, in seconds.
-RETRY_AFTER_BOUNDS = (0.05, 300.0)
+#: With the time slice on, the most rows a large job runs in one chunk before its queue's
+#: throughput has been measured (the chunk that measures it).
+PROBE_ROWS = 256
 
 
-class _Throughput:
-    """Exponential moving average of rows computed per second (written by the worker thread)."""
+class Reservation:
+    """Rows admitted against a worker's bound before they exist (from :meth:`DeviceWorker.reserve`).
 
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha = alpha
-        self.rows_per_second: float | None = None
+    ``sample`` reserves its ``n`` rows, then draws the latents, then passes the reservation to
+    :meth:`DeviceWorker.submit`, which turns it into queued rows. :meth:`release` gives the rows
+    back unused (idempotent; a no-op once submitted); it is also a context manager that releases.
+    """
 
-    def update(self, rows: int, seconds: float) -> None:
-        rate = rows / max(seconds, 1e-6)
-        old = self.rows_per_second
-        self.rows_per_second = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
+    def __init__(self, worker: "DeviceWorker", key: Hashable, pass_: Pass, rows: int) -> None:
+        self.worker, self.key, self.pass_, self.rows = worker, key, pass_, int(rows)
+        self.held = True  # guarded by the worker's lock
 
-    def seconds_for(self, rows: int) -> float:
-        """Estimated seconds to compute ``rows`` rows (1 s before anything ran)."""
-        low, high = RETRY_AFTER_BOUNDS
-        rate = self.rows_per_second
-        estimate = 1.0 if not rate else rows / rate
-        return min(high, max(low, estimate))
+    def release(self) -> None:
+        self.worker._release(self)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -75,6 +91,7 @@ class _Batch:
     model: Any
     segments: list[Segment] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)  # queue waits of the jobs that started here
+    full: bool = False  # taking stopped at a limit (rows or slice), not because the queue ran out
 
     @property
     def rows(self) -> int:
@@ -121,10 +138,12 @@ class DeviceWorker:
         self._cond = threading.Condition()
         self._queues: dict[tuple[Hashable, Pass], JobQueue] = {}
         self._queued_rows = 0
+        self._reserved_rows = 0  # admitted by reserve(), not yet submitted
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._throughput = _Throughput()
+        self._throughput = Throughput()
+        self._rates: dict[tuple[Hashable, Pass], BulkRate] = {}  # outlives the (deleted when empty) queues
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -183,6 +202,77 @@ class DeviceWorker:
         """Rows waiting in all queues (rows in the batch computing now are not counted)."""
         return self._queued_rows
 
+    def reserved_rows(self) -> int:
+        """Rows held by reservations not yet submitted (they count against the bound too)."""
+        return self._reserved_rows
+
+    def rows_per_second(self, key: Hashable, pass_: Pass) -> float | None:
+        """The measured throughput of one (key, pass) on full batches (``None``: not measured yet)."""
+        rate = self._rates.get((key, Pass(pass_)))
+        return None if rate is None else rate.rows_per_second
+
+    # -- admission (event loop side) -------------------------------------------------------------
+    def reserve(self, key: Hashable, pass_: Pass, rows: int, deadline: float | None = None) -> Reservation:
+        """Admit ``rows`` rows of one pass before they exist, so that nothing is drawn for a
+        request that would be refused. Same checks and errors as :meth:`submit` (``QueueFull``,
+        ``WontFinish``, ``DeadlineExceeded``, ``WorkerStopped``), at once; pass the reservation
+        to :meth:`submit` with exactly that many rows, or :meth:`Reservation.release` it."""
+        pass_ = Pass(pass_)
+        n = int(rows)
+        if n < 1:
+            raise ValueError(f"a reservation needs at least one row, got {n}")
+        with self._cond:
+            self._admit(key, pass_, n, deadline, time.monotonic())
+            self._reserved_rows += n
+        return Reservation(self, key, pass_, n)
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._cond:
+            if reservation.held:
+                reservation.held = False
+                self._reserved_rows -= reservation.rows
+
+    def wait_estimate(self, rows: int = 1) -> float:
+        """Seconds of compute queued ahead of a new request of ``rows`` rows, under round robin:
+        ``sum over queues of min(rows waiting, rows * jobs waiting) / measured rate`` (queues not
+        measured yet count 0). Unlike ``queued_rows() / rate`` it does not make a one-row request
+        wait for a million-row one, which it does not (module docstring)."""
+        with self._cond:
+            return self._ahead_seconds(max(1, int(rows)))
+
+    def _ahead_seconds(self, n: int) -> float:
+        ahead = 0.0
+        for (k, p), queue in self._queues.items():
+            rate = self._rates.get((k, p))
+            if rate is not None and queue.rows:
+                ahead += rate.seconds_for(min(queue.rows, n * len(queue.jobs))) or 0.0
+        return ahead
+
+    def _admit(self, key: Hashable, pass_: Pass, n: int, deadline: float | None, now: float) -> None:
+        """Refuse ``n`` new rows of (key, pass) at once, or return (lock held; module docstring)."""
+        if not self._accepting:
+            raise WorkerStopped("the worker is not accepting requests")
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded("the deadline had passed when the request was submitted")
+        rate = self._rates.get((key, pass_))
+        own = None if (deadline is None or rate is None) else rate.seconds_for(n)
+        budget = 0.0 if deadline is None else deadline - now
+        if own is not None and own > budget:
+            raise WontFinish(n, own, rate.rows_per_second, budget)  # type: ignore[union-attr, arg-type]
+        waiting = self._queued_rows + self._reserved_rows
+        if waiting + n > self._config.max_queue_rows:
+            raise QueueFull(self._throughput.seconds_for(waiting + n - self._config.max_queue_rows))
+        if own is None:
+            return
+        ahead = self._ahead_seconds(n)
+        if own + ahead > budget:
+            low, high = RETRY_AFTER_BOUNDS
+            raise QueueFull(
+                min(high, max(low, own + ahead - budget)),
+                f"the work queued ahead (about {ahead:.1f} s) leaves these {n} rows (about {own:.1f} s) "
+                f"no time to finish in the {budget:.1f} s before their deadline",
+            )
+
     # -- submitting (event loop side) ------------------------------------------------------------
     async def submit(
         self,
@@ -192,6 +282,7 @@ class DeviceWorker:
         rows: np.ndarray,
         context: np.ndarray | None = None,
         deadline: float | None = None,
+        reservation: Reservation | None = None,
     ) -> dict[str, np.ndarray]:
         """Queue ``rows`` for one pass of ``model`` and await their results.
 
@@ -204,6 +295,9 @@ class DeviceWorker:
                 modify them meanwhile); cast to the model's dtype.
             context: ``(n, C)`` context rows for a conditional model, else ``None``.
             deadline: ``time.monotonic()`` seconds after which the rows must not start computing.
+            reservation: from :meth:`reserve` for these rows (same key, pass and row count): they
+                were admitted then and are not checked again (except for a passed deadline and a
+                worker that stopped meanwhile); the reservation is used up either way.
 
         Returns:
             CPU arrays in the model's dtype, row ``i`` of each from row ``i`` of ``rows``:
@@ -213,7 +307,10 @@ class DeviceWorker:
             ValueError: at once, if ``rows``/``context`` do not have the shapes the model needs.
             WorkerStopped: at once, when the worker is not accepting; later, if it stops without
                 draining before the request ran.
-            QueueFull: at once, if the queue bound in rows would be exceeded.
+            QueueFull: at once, if the queue bound in rows would be exceeded, or the rows queued
+                ahead would not leave the request time to finish before its deadline.
+            WontFinish: at once, if the request's own rows take longer than its deadline allows
+                at the measured throughput of its (key, pass).
             DeadlineExceeded: at the deadline if the request has not started (it is then dropped,
                 never computed), or at once if the deadline has already passed. A request whose
                 rows are computing at the deadline gets its result; one split into chunks whose
@@ -221,14 +318,24 @@ class DeviceWorker:
             ComputeError: the request's own rows failed to compute.
         """
         pass_ = Pass(pass_)
-        rows, context = check_rows(model, rows, context)
+        if reservation is not None and (reservation.key != key or reservation.pass_ is not pass_
+                                        or reservation.rows != np.shape(rows)[0]):
+            reservation.release()
+            raise ValueError(f"the reservation is for {reservation.rows} rows of {reservation.pass_.value} "
+                             f"on {reservation.key!r}, not for these rows")
+        try:
+            rows, context = check_rows(model, rows, context)
+        except ValueError:
+            if reservation is not None:
+                reservation.release()
+            raise
         if rows.shape[0] == 0:
             if not self._accepting:
                 raise WorkerStopped("the worker is not accepting requests")
             return empty_result(model, pass_)
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        job = self._enqueue(key, model, pass_, rows, context, deadline, loop, future)
+        job = self._enqueue(key, model, pass_, rows, context, deadline, loop, future, reservation)
         # one timer per request (no wait_for/shield: they add two futures, a task step and callbacks)
         timer = None if deadline is None else loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, job)
         try:
@@ -265,28 +372,31 @@ class DeviceWorker:
         deadline: float | None,
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future,
+        reservation: Reservation | None = None,
     ) -> Job:
         n = int(rows.shape[0])
         with self._cond:
-            if not self._accepting:
-                raise WorkerStopped("the worker is not accepting requests")
             now = time.monotonic()
-            if deadline is not None and deadline <= now:
-                raise DeadlineExceeded("the deadline had passed when the request was submitted")
-            if self._queued_rows + n > self._config.max_queue_rows:
-                excess = self._queued_rows + n - self._config.max_queue_rows
-                raise QueueFull(self._throughput.seconds_for(excess))
+            if reservation is not None and reservation.held:
+                reservation.held = False  # its rows become queued rows below, or are given back
+                self._reserved_rows -= n
+                if not self._accepting:
+                    raise WorkerStopped("the worker is not accepting requests")
+                if deadline is not None and deadline <= now:
+                    raise DeadlineExceeded("the deadline passed before the request could be queued")
+            else:
+                self._admit(key, pass_, n, deadline, now)
             queue = self._queues.get((key, pass_))
             if queue is None:
                 queue = self._queues[(key, pass_)] = JobQueue(key, pass_)
             job = Job(
                 key=key, pass_=pass_, model=model, rows=rows, context=context, n=n, deadline=deadline,
-                loop=loop, future=future, enqueued_at=now, queue=queue, queued=n,
+                loop=loop, future=future, enqueued_at=now, queue=queue, queued=n, ready_at=now,
             )
             queue.jobs.append(job)
             queue.rows += n
             self._queued_rows += n
-            self._report_depth()
+            self._report_depth(queue)
             self._cond.notify()
         return job
 
@@ -300,7 +410,7 @@ class DeviceWorker:
             job.queue.rows -= job.queued
             self._queued_rows -= job.queued
             job.queued = 0
-            self._report_depth()
+            self._report_depth(job.queue)
         return True
 
     def _withdraw(self, job: Job, reason: BaseException | None) -> bool:
@@ -325,8 +435,10 @@ class DeviceWorker:
                     answers.append((job, WorkerStopped(message)))
         return answers
 
-    def _report_depth(self) -> None:
+    def _report_depth(self, queue: JobQueue | None = None) -> None:
         self._notify("on_queue_depth", self._queued_rows)
+        if queue is not None:
+            self._notify("on_model_queue_depth", queue.key, queue.pass_, queue.rows)
 
     def _notify(self, hook: str, *args: Any) -> None:
         if self._observer is None:
@@ -367,12 +479,13 @@ class DeviceWorker:
             raise
 
     def _oldest_queue(self) -> JobQueue | None:
+        """The queue whose head has waited longest since it joined the tail (empty queues go)."""
         oldest: JobQueue | None = None
         for name, queue in list(self._queues.items()):
             head = queue.head()
             if head is None:
                 del self._queues[name]
-            elif oldest is None or head.enqueued_at < oldest.jobs[0].enqueued_at:
+            elif oldest is None or head.ready_at < oldest.jobs[0].ready_at:
                 oldest = queue
         return oldest
 
@@ -381,6 +494,8 @@ class DeviceWorker:
         if self._config.max_wait_ms <= 0 or self._stopping or queue.rows >= self._config.max_batch_rows:
             return 0.0
         head = queue.jobs[0]
+        if head.started:  # the rest of a job cut into chunks: it has waited its turn already
+            return 0.0
         until = head.enqueued_at + self._config.max_wait_ms / 1000.0
         if head.deadline is not None:
             until = min(until, head.deadline)
@@ -404,12 +519,30 @@ class DeviceWorker:
             if batch.segments or answers:  # deliver expired jobs' answers now, not with the next batch
                 return batch
 
+    def _slice_rows(self, queue: JobQueue) -> int | None:
+        """Rows of one chunk of a large job of ``queue``: ``max_batch_ms`` at its measured rate
+        (:data:`PROBE_ROWS` before it is measured), at most ``max_batch_rows``; ``None``: slice off."""
+        if self._config.max_batch_ms <= 0:
+            return None
+        rate = self._rates.get((queue.key, queue.pass_))
+        rows = None if rate is None else rate.rows_in(self._config.max_batch_ms / 1000.0)
+        return min(self._config.max_batch_rows, PROBE_ROWS if rows is None else rows)
+
     def _take(self, queue: JobQueue, now: float, answers: list[_Answer]) -> _Batch:
-        """Take up to ``max_batch_rows`` rows from the head of ``queue`` (expired jobs are answered)."""
+        """Take up to ``max_batch_rows`` rows from the head of ``queue`` (expired jobs are answered).
+
+        A large job (more rows left than one slice) runs one slice of its rows in a batch of its
+        own: taking stops before it when the batch already holds rows. Without a slice it is cut
+        to fill the room left, as any job too large for it.
+        """
         limit = self._config.max_batch_rows
+        slice_rows = self._slice_rows(queue)
         batch = _Batch(queue.key, queue.pass_, None)
         rows = 0
-        while rows < limit:
+        while True:
+            if rows >= limit:
+                batch.full = True
+                break
             job = queue.head()
             if job is None:
                 break
@@ -421,7 +554,15 @@ class DeviceWorker:
                 self._close(job)
                 answers.append((job, DeadlineExceeded("the deadline passed before the request's rows ran")))
                 continue
-            k = min(job.n - job.taken, limit - rows)
+            left = job.n - job.taken
+            if slice_rows is not None and left > slice_rows:
+                if rows:
+                    batch.full = True
+                    break  # the rows taken so far do not wait for a slice of it
+                k = slice_rows
+                batch.full = True
+            else:
+                k = min(left, limit - rows)
             batch.segments.append(Segment.of(job, job.taken, job.taken + k))
             if not job.started:
                 job.started = True
@@ -434,8 +575,11 @@ class DeviceWorker:
             rows += k
             if job.taken == job.n:
                 queue.jobs.popleft()
+            else:
+                batch.full = True
+                break  # cut: the batch is full (by rows or slice); the rest goes to the tail after it
         if batch.segments:
-            self._report_depth()
+            self._report_depth(queue)
         return batch
 
     def _execute(self, batch: _Batch) -> None:
@@ -451,6 +595,8 @@ class DeviceWorker:
             outcomes = [(segment, exc) for segment in batch.segments]
         seconds = time.perf_counter() - started
         self._throughput.update(rows, seconds)
+        if (batch.full or rows >= BULK_ROWS) and not any(isinstance(o, BaseException) for _, o in outcomes):
+            self._rates.setdefault((batch.key, batch.pass_), BulkRate()).update(rows, seconds)
         self._notify("on_batch", batch.key, batch.pass_, rows, len(jobs), seconds)
 
         answers: list[_Answer] = []
@@ -482,12 +628,26 @@ class DeviceWorker:
                 elif job.expired(now):
                     self._close(job)
                     answers.append((job, DeadlineExceeded("the deadline passed before the rest of its rows ran")))
+                elif job.taken < job.n:
+                    self._to_tail(job, now)
         for job in finished:
             try:
                 answers.append((job, assemble(job)))
             except Exception as exc:  # noqa: BLE001
                 answers.append((job, ComputeError(short_message(exc))))
         self._deliver(answers)
+
+    @staticmethod
+    def _to_tail(job: Job, now: float) -> None:
+        """Round robin (lock held): a job with rows left after its chunk goes behind every job
+        that arrived meanwhile, and its wait restarts, so other queues' heads go before it too."""
+        jobs = job.queue.jobs
+        if jobs and jobs[0] is job:
+            jobs.popleft()
+        else:
+            jobs.remove(job)
+        jobs.append(job)
+        job.ready_at = now
 
     @staticmethod
     def _deliver(answers: list[_Answer]) -> None:

@@ -43,6 +43,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "cuda_graphs": (str, "true | false: on CUDA, replay small batches from captured CUDA graphs (default: true)"),
     "max_batch_rows": (int, "most rows in one batched model call (default: 8192 on the CPU, 65536 on CUDA)"),
     "max_wait_ms": (float, "extra wait to grow a batch, ms (default: 0)"),
+    "max_batch_ms": (float, "time slice of a large request's chunks, ms; 0: chunks of max_batch_rows (default: 25)"),
     "max_queue_rows": (int, "rows waiting in the queues before 503 (default: 1000000)"),
     "request_timeout_s": (float, "per-request deadline, s; 504 past it (default: 30)"),
     "max_rows": (int, "most rows per request; 413 above (default: 1000000)"),

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from ... import operations
-from ...batching import ComputeError, DeadlineExceeded, QueueFull, WorkerStopped
+from ...batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from ...registry import ServedModel
 from .. import binary
 from ..bodies import JSON, ParsedBody, parse_body
@@ -210,8 +210,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 # -- error mapping and the handler ----------------------------------------------------------------
 def _problem(exc: Exception, state: ServiceState) -> Problem | None:
     if isinstance(exc, QueueFull):
-        return Problem.unavailable("queue-full", f"the server's queue is full ({state.settings.max_queue_rows} rows); "
-                                   "retry later or send fewer rows", exc.retry_after)
+        why = f": {exc.reason}" if exc.reason else ""
+        return Problem.unavailable("queue-full", f"the server's queue is full ({state.settings.max_queue_rows} rows)"
+                                   f"{why}; retry later or send fewer rows", exc.retry_after)
+    if isinstance(exc, WontFinish):
+        return Problem(413, "wont-finish", f"{exc}; split the request into smaller ones, or raise "
+                       f"FLOWSERVE_REQUEST_TIMEOUT_S (now {state.settings.request_timeout_s:g} s)")
     if isinstance(exc, WorkerStopped):
         return Problem.unavailable("draining", f"the server is shutting down and runs no new work: {exc}", 1.0)
     if isinstance(exc, DeadlineExceeded):

@@ -42,7 +42,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from ... import operations
-from ...batching import ComputeError, DeadlineExceeded, QueueFull, WorkerStopped
+from ...batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from ...registry import ServedModel
 from ..auth import require_api_key
 from ..bodies import read_body
@@ -258,6 +258,9 @@ def _batching_error(exc: Exception, state: ServiceState) -> V2Error | None:
                        "send fewer rows", {"Retry-After": str(max(1, int(np.ceil(exc.retry_after))))})
     if isinstance(exc, WorkerStopped):
         return V2Error(503, f"the server is shutting down and runs no new work: {exc}", {"Retry-After": "1"})
+    if isinstance(exc, WontFinish):
+        return V2Error(413, f"{exc}; split the request into smaller ones, or raise FLOWSERVE_REQUEST_TIMEOUT_S "
+                       f"(now {state.settings.request_timeout_s:g} s)")
     if isinstance(exc, DeadlineExceeded):
         return V2Error(504, "the request's deadline passed before its rows were computed; they were not computed")
     if isinstance(exc, ComputeError):
