@@ -5,6 +5,7 @@
 # One line per package: "<package> <a command it provides>".
 set -u
 PACKAGES="
+chromium chromium
 haproxy haproxy
 prometheus promtool
 "

@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from ..metrics import Metrics
 from ..settings import Settings, load_settings
 from .. import ui
-from . import auth, binary, errors, openapi
+from . import auth, binary, docs, errors, openapi
 from .routes import admin, health, models, operations, v2
 from .state import ServiceState
 
@@ -66,8 +66,10 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         finally:
             await state.stop()
 
+    # docs_url / redoc_url None: FastAPI's pages load their scripts from a CDN; docs.install serves them
+    # from the package instead
     app = FastAPI(title="flowserve", version=_version(), description=DESCRIPTION, lifespan=lifespan,
-                  openapi_tags=OPENAPI_TAGS)
+                  openapi_tags=OPENAPI_TAGS, docs_url=None, redoc_url=None)
     app.state.flowserve = state
     errors.install(app)
     auth.install(app, settings)
@@ -83,4 +85,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.include_router(v2.router)
     openapi.install(app)
     ui.mount(app)  # the dashboard at /ui (static files over the public API)
+    docs.install(app)
     return app

@@ -16,7 +16,7 @@ Examples work against the default models: ``moons`` (2 features ``x``, ``y``), `
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,12 +44,17 @@ __all__ = [
     "ScoreRequest",
     "ScoreResponse",
     "REQUEST_MODELS",
+    "V2Error",
+    "V2InferRequest",
+    "V2InferResponse",
 ]
 
 Number = float
-Row = list[Number]
-Record = dict[str, Number]
-Rows = list[Row] | list[Record]
+# minItems / minProperties 1: the server refuses an empty list of rows (422), and an empty row or
+# record (400: it has fewer values than any model's features), so the document says so.
+Row = Annotated[list[Number], Field(min_length=1)]
+Record = Annotated[dict[str, Number], Field(min_length=1)]
+Rows = Annotated[list[Row], Field(min_length=1)] | Annotated[list[Record], Field(min_length=1)]
 NullableRow = list[float | None]
 
 ROWS_DOC = (
@@ -334,3 +339,56 @@ class ModelVersions(BaseModel):
     name: str = Field(..., examples=["moons"])
     latest: int = Field(..., examples=[1])
     versions: list[VersionSummary]
+
+
+# -- the Open Inference Protocol (/v2), for the docs ------------------------------------------------------
+class V2Error(BaseModel):
+    """Every /v2 error: the protocol's shape, never problem+json."""
+
+    error: str = Field(..., examples=["unexpected inference input 'y' for model 'moons'; its inputs are ['x']"])
+
+
+class V2InputTensor(BaseModel):
+    name: str = Field(..., description="`x` (the rows), or `context` for conditional models.", examples=["x"])
+    shape: list[Annotated[int, Field(ge=0)]] = Field(..., description="`[B, D]` (`[B, C]` for `context`).",
+                                                     examples=[[2, 2]])
+    datatype: str = Field(..., description="`FP32` or `FP64` (other protocol datatypes are refused with 400).",
+                          examples=["FP32"])
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data_size`: the tensor's bytes follow the JSON (binary tensor data extension).")
+    data: list[Any] | None = Field(None, description="The elements in row-major order, flat or nested.",
+                                   examples=[[0.0, 1.0, 1.0, -0.5]])
+
+
+class V2RequestedOutput(BaseModel):
+    name: str = Field(..., description="`log_prob`, `latents` or `log_det`.", examples=["log_prob"])
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data`: send this output in binary.")
+
+
+class V2InferRequest(BaseModel):
+    """A KServe v2 inference request (the JSON part, when binary tensors follow it)."""
+
+    id: str | None = Field(None, description="Echoed in the answer.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data_output` (bool) and `timeout` (microseconds) are read; others are ignored.")
+    inputs: list[V2InputTensor] = Field(..., min_length=1, description="The input tensors.")
+    outputs: list[V2RequestedOutput] | None = Field(None, description="The outputs to answer (default `log_prob`).")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [0.0, 1.0, 1.0, -0.5]}],
+         "outputs": [{"name": "log_prob"}, {"name": "latents"}]}]})
+
+
+class V2OutputTensor(BaseModel):
+    name: str = Field(..., examples=["log_prob"])
+    datatype: str = Field(..., description="The model's dtype: `FP32` or `FP64`.", examples=["FP32"])
+    shape: list[int] = Field(..., examples=[[2]])
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_size` for a binary output.")
+    data: list[float | None] | None = Field(None, description="Flat, row-major; non-finite values as `null`.")
+
+
+class V2InferResponse(BaseModel):
+    id: str | None = None
+    model_name: str = Field(..., examples=["moons"])
+    model_version: str = Field(..., examples=["1"])
+    outputs: list[V2OutputTensor]

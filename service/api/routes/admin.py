@@ -25,6 +25,7 @@ from ...administration import (
     NotInRepository,
     StillLoading,
 )
+from ...artifact import NAME_PATTERN
 from ..errors import Problem, field_error
 from ..responses import NumpyJSONResponse
 from ..schemas import ModelSummary
@@ -35,7 +36,11 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/admin/models", tags=["administration"])
 
-NAME = Path(..., description="The model's name (its folder in the repository).", examples=["moons"])
+# The pattern is documented, not enforced by FastAPI: a name outside it is the 400 of ``_change``
+# (``check_name`` also refuses ``..`` inside a name, which the pattern cannot say without lookahead).
+NAME = Path(..., description="The model's name (its folder in the repository): 1-64 letters, digits, '.', '_' "
+                             "or '-', starting with a letter or digit, without '..'.",
+            examples=["moons"], json_schema_extra={"pattern": NAME_PATTERN.pattern})
 
 
 class AdminAnswer(ModelSummary):
@@ -48,7 +53,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": text, "content": {"application/problem+json": {
         "schema": {"$ref": "#/components/schemas/Problem"}}}}
     for status, text in {
-        400: "Not a model name.",
+        400: "Not a model name (outside the pattern of {name}, or holding '..').",
         401: "No admin key (Authorization: Bearer <FLOWSERVE_ADMIN_KEY>).",
         403: "Not the admin key, or administration is disabled (FLOWSERVE_ADMIN_KEY unset).",
         404: "The model repository has no model of that name.",

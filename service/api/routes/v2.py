@@ -123,6 +123,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
                          (504, "The deadline passed before the rows were computed"))
 }
 
+#: what the metadata and ready routes can answer besides 200 (they read no body)
+_LOOKUP_ERRORS = {status: _ERRORS[status] for status in (401, 403, 404, 503)}
+
 
 # -- health and metadata --------------------------------------------------------------------------------
 @router.get("/v2", summary="Server metadata")
@@ -177,27 +180,27 @@ async def _model_ready(request: Request, name: str, version: str | None) -> Resp
     return NumpyJSONResponse({"name": served.name, "ready": True})
 
 
-@router.get("/v2/models/{name}", dependencies=KEYED, summary="Model metadata", responses=_ERRORS)
+@router.get("/v2/models/{name}", dependencies=KEYED, summary="Model metadata", responses=_LOOKUP_ERRORS)
 async def model_metadata_latest(request: Request, name: str = NAME) -> Response:
     """Name, versions, platform, and the input and output tensors of the model's latest version."""
     return await _metadata(request, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}", dependencies=KEYED, summary="Model metadata (one version)",
-            responses=_ERRORS)
+            responses=_LOOKUP_ERRORS)
 async def model_metadata_version(request: Request, name: str = NAME, version: str = VERSION) -> Response:
     """Name, platform, and the input and output tensors of one version of the model."""
     return await _metadata(request, name, version)
 
 
-@router.get("/v2/models/{name}/ready", dependencies=KEYED, summary="Model ready", responses=_ERRORS)
+@router.get("/v2/models/{name}/ready", dependencies=KEYED, summary="Model ready", responses=_LOOKUP_ERRORS)
 async def model_ready_latest(request: Request, name: str = NAME) -> Response:
     """200 when the model is loaded; 404 for an unknown model, 503 while it loads or if it failed."""
     return await _model_ready(request, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready", dependencies=KEYED, summary="Model ready (one version)",
-            responses=_ERRORS)
+            responses=_LOOKUP_ERRORS)
 async def model_ready_version(request: Request, name: str = NAME, version: str = VERSION) -> Response:
     """200 when that version is loaded; 404 for an unknown model or version, 503 while it loads."""
     return await _model_ready(request, name, version)
@@ -308,14 +311,34 @@ _INFER_DOC = ("Inputs `x` `[B, D]` (and `context` `[B, C]` for conditional model
               "(`parameters.binary_data`, `parameters.binary_data_output`).")
 
 
-@router.post("/v2/models/{name}/infer", dependencies=KEYED, summary="Infer", responses=_ERRORS,
-             description=_INFER_DOC)
+#: the body (required) and the answers of infer, for the OpenAPI document; the handler reads the body itself
+_INFER_EXTRA: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                     "description": "The JSON request, then the inputs' raw bytes "
+                                                    f"(`{HEADER_LENGTH}` gives the JSON's length)."}}},
+    "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer"},
+                    "description": "The length in bytes of the JSON part, when binary tensor data follows it."}],
+}
+_INFER_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The outputs; `application/octet-stream` (JSON, then the binary outputs' bytes) when an "
+                         f"output is binary, with `{HEADER_LENGTH}`.",
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2InferResponse"}},
+                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    415: {"description": "Unsupported `Content-Encoding` (`{\"error\": \"...\"}`, application/json)."},
+    **_ERRORS,
+}
+
+
+@router.post("/v2/models/{name}/infer", dependencies=KEYED, summary="Infer", responses=_INFER_ANSWERS,
+             description=_INFER_DOC, openapi_extra=_INFER_EXTRA)
 async def infer_latest(request: Request, name: str = NAME) -> Response:
     return await _infer(request, name, None)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", dependencies=KEYED, summary="Infer (one version)",
-             responses=_ERRORS, description=_INFER_DOC)
+             responses=_INFER_ANSWERS, description=_INFER_DOC, openapi_extra=_INFER_EXTRA)
 async def infer_version(request: Request, name: str = NAME, version: str = VERSION) -> Response:
     return await _infer(request, name, version)
 
