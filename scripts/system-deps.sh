@@ -6,6 +6,8 @@
 set -u
 PACKAGES="
 chromium chromium
+chromium-driver chromedriver
+chromium chromium
 haproxy haproxy
 prometheus promtool
 "

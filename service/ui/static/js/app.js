@@ -31,6 +31,7 @@ async function route() {
   if (stopCurrent) { stopCurrent(); stopCurrent = null; }
   disposeCharts(page);
   page.replaceChildren();
+  for (const key of Object.keys(page.dataset)) delete page.dataset[key];
   const hash = decodeURIComponent(location.hash.replace(/^#/, "")) || "/";
   const parts = hash.split("/").filter(Boolean);
   try {
