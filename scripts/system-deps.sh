@@ -7,7 +7,6 @@ set -u
 PACKAGES="
 chromium chromium
 chromium-driver chromedriver
-chromium chromium
 haproxy haproxy
 prometheus promtool
 "
