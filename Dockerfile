@@ -31,7 +31,8 @@ RUN pip install . && rm -rf /app/build
 COPY models /models
 
 RUN useradd --create-home --uid 10001 --user-group flowserve
-USER flowserve
+# numeric, so that Kubernetes' runAsNonRoot can verify it (a user name cannot be checked)
+USER 10001:10001
 
 ENV FLOWSERVE_HOST=0.0.0.0 \
     FLOWSERVE_PORT=8000 \

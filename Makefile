@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup system-deps run test models bench clean
+.PHONY: setup system-deps run test models bench clean cluster
 
 # torch first, at the pinned CPU build, so that no dependency pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,11 @@ system-deps:
 
 test: setup system-deps
 	$(PY) -m pytest -q
+
+# `make cluster`: 3 replicas behind HAProxy on http://127.0.0.1:8080 (deploy/local/cluster.py)
+REPLICAS ?= 3
+cluster: setup system-deps
+	$(PY) -m deploy.local.cluster up --replicas $(REPLICAS) --port 8080 --model-dir models --models moons
 
 models: setup
 	$(PY) -m service.default_models --model-dir models
