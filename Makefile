@@ -10,11 +10,13 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: setup system-deps run test models bench clean cluster
 
-# torch first, at the pinned CPU build, so that no dependency pulls a CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch first, at the pinned CPU build, so that no dependency pulls a CUDA build; then the Python client
+# (clients/python, its own distribution: the CLI's --url mode and the tests use it), then the service.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e ./clients/python
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 

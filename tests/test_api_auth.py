@@ -11,9 +11,9 @@ from typing import Iterator
 
 import httpx
 import pytest
+from flowserve_client import Client, Forbidden, Unauthorized
 
 from service.api.auth import Keys
-from service.client import Client, Forbidden, Unauthorized
 from service.settings import load_settings
 from tests.server import ServerProcess, running_servers
 

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
+from flowserve_client import Client
 
-from service.client import Client
 from tests.server import ServerProcess, start_server
 
 pytest_plugins = ["tests.fixtures_server"]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flowserve_client import Client
 
 from service.calibration import Calibration
 from service.cli import main
-from service.client import Client
 from service.inprocess import LocalModel
 from tests.server import ROOT, ServerProcess, free_port
 from tests.tolerance import assert_batch_invariant

@@ -1,4 +1,4 @@
-"""``service.client``: every method of :class:`Client` and :class:`AsyncClient` against a real server
+"""``flowserve_client`` (clients/python): every method of :class:`Client` and :class:`AsyncClient` against a real server
 (the session's :mod:`tests.fixtures_server`), typed errors with the server's problem details, the
 binary-body path, and the retry policy (the one place with a stand-in transport: a server that
 answers 503 on demand, with ``Retry-After``, and a recorder in place of the sleep)."""
@@ -16,9 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-import service.client as client_module
-from service.client import (
+from flowserve_client import (
     AsyncClient,
     BadRequest,
     Client,
@@ -28,6 +26,9 @@ from service.client import (
     UnprocessableEntity,
     records,
 )
+from flowserve_client import aio as async_module
+from flowserve_client import client as sync_module
+
 from service.inprocess import LocalModel
 from tests.server import ServerProcess, free_port
 from tests.tolerance import assert_batch_invariant
@@ -201,8 +202,8 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     async def fake_async_sleep(seconds: float) -> None:
         waited.append(seconds)
 
-    monkeypatch.setattr(client_module.time, "sleep", waited.append)
-    monkeypatch.setattr(client_module.asyncio, "sleep", fake_async_sleep)
+    monkeypatch.setattr(sync_module.time, "sleep", waited.append)
+    monkeypatch.setattr(async_module.asyncio, "sleep", fake_async_sleep)
     return waited
 
 
@@ -331,3 +332,15 @@ def test_docs_examples_run(default_like_server: ServerProcess, default_like_repo
     assert np.load(tmp_path / "threes.npy").shape == (16, 64)
     assert np.load(tmp_path / "scores.npy")["is_anomaly"].shape == (1000,)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_client_readme_example_runs(default_like_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """clients/python/README.md's example, as a user runs it against `make run` (here: default-like models)."""
+    import re
+
+    readme = Path(__file__).resolve().parents[1] / "clients" / "python" / "README.md"
+    (block,) = re.findall(r"```python\n(.*?)```", readme.read_text().replace(DOCS_URL, default_like_server.url), re.S)
+    exec(compile(block, str(readme), "exec"), {"__name__": "readme_example"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "['digits', 'digits-cond', 'moons']"
+    assert lines[-1].startswith("404 ") and "no-such-model" in lines[-1]

@@ -1,6 +1,7 @@
 """What the ``models``, ``score`` and ``sample`` subcommands share.
 
-- the *source* of a model: a running server (``--url``, through :class:`service.client.Client`) or
+- the *source* of a model: a running server (``--url``, through :class:`flowserve_client.Client`, the
+  separate ``flowserve-client`` distribution of ``clients/python``, imported only there) or
   the model repository loaded in this process (``--model-dir``, through
   :class:`service.inprocess.LocalModel`); both expose the same small interface, :class:`Source`;
 - reading rows from ``.csv`` / ``.npy`` / ``.npz`` files by the model's feature and context names,
@@ -79,10 +80,9 @@ def user_message(e: Exception, url: str | None = None) -> str | None:
     """One line for an error the user caused (bad input, unknown model, server refusal); else ``None``."""
     import httpx
 
-    from ..client import FlowserveError
-
     artifact = sys.modules.get("service.artifact")  # loaded only where a model is loaded in process
-    if isinstance(e, FlowserveError):
+    errors = sys.modules.get("flowserve_client.errors")  # loaded only where --url is used
+    if errors is not None and isinstance(e, errors.FlowserveError):
         where = "; ".join(f"{'.'.join(map(str, err.get('loc', [])))}: {err.get('msg', '')}" for err in e.errors[:3])
         return f"server answered {e}" + (f" ({where})" if where else "")
     if isinstance(e, httpx.HTTPError):
@@ -144,8 +144,13 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def client_for(args: argparse.Namespace) -> Any:
-    from ..client import Client
-
+    """A :class:`flowserve_client.Client` for ``--url``; a :class:`CommandError` saying how to install it
+    where the ``flowserve-client`` distribution is missing (the server itself does not need it)."""
+    try:
+        from flowserve_client import Client
+    except ImportError as e:
+        raise CommandError(f"--url needs the flowserve-client package ({e}); install it with "
+                           "`pip install ./clients/python` from the flowserve repository (make setup does)") from None
     return Client(args.url, api_key=args.api_key, timeout=300.0)
 
 
