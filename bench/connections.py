@@ -187,6 +187,7 @@ async def _client(port: int, stop_at: float, out: dict) -> None:
         elapsed = time.perf_counter() - t0
         out["all"].append(elapsed)
         out["status"][status] = out["status"].get(status, 0) + 1
+        out["by_status"].setdefault(status, []).append(elapsed)
         if status == 200:
             out["ok"].append(elapsed)
         if close:
@@ -197,7 +198,7 @@ async def _client(port: int, stop_at: float, out: dict) -> None:
 
 
 async def _load(port: int, connections: int, seconds: float) -> dict:
-    out: dict = {"all": [], "ok": [], "status": {}, "errors": 0}
+    out: dict = {"all": [], "ok": [], "status": {}, "errors": 0, "by_status": {}}
     stop_at = time.perf_counter() + seconds
     await asyncio.gather(*(_client(port, stop_at, out) for _ in range(connections)))
     return out
@@ -224,7 +225,8 @@ def load_run(server: Server, connections: int, seconds: float) -> dict:
         "share_503": round(out["status"].get(503, 0) / total, 3) if total else None,
         "p50_ms_200": pct(out["ok"], 50), "p99_ms_200": pct(out["ok"], 99),
         "p50_ms_all": pct(out["all"], 50), "p99_ms_all": pct(out["all"], 99), "max_ms_all": pct(out["all"], 100),
-        "transport_errors": out["errors"],
+        "transport_errors": out["errors"], "by_status_p99_ms": {
+            str(k): pct(v, 99) for k, v in sorted(out["by_status"].items())},
     }
 
 
@@ -237,22 +239,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a FLOWSERVE_ setting for both servers, e.g. --set request_timeout_s=2")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     trees = [("new", ROOT)] + ([("old", args.old_tree.resolve())] if args.old_tree else [])
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    settings = dict(item.split("=", 1) for item in args.set)
     results = {}
     for name, tree in trees:
-        result: dict = {"tree": str(tree)}
+        result: dict = {"tree": str(tree), "settings": settings}
         if not args.skip_idle:
-            server = Server(tree, log_dir / f"bench-connections-{name}-idle.log")
+            server = Server(tree, log_dir / f"bench-connections-{name}-idle.log", **settings)
             try:
                 result["idle"] = idle_run(server, args.idle)
             finally:
                 server.stop()
         if not args.skip_load:
-            server = Server(tree, log_dir / f"bench-connections-{name}-load.log")
+            server = Server(tree, log_dir / f"bench-connections-{name}-load.log", **settings)
             try:
                 result["load"] = load_run(server, args.connections, args.seconds)
             finally:
