@@ -18,9 +18,9 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from flowserve_client import Client, NotFound
 
 from deploy.local.cluster import Cluster, rolling_reload, served_version
-from service.client import Client, NotFound
 
 pytest_plugins = ["tests.fixtures_server"]
 

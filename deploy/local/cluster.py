@@ -279,7 +279,7 @@ class Cluster:
 
 def served_version(url: str, model: str, timeout: float = 5.0) -> int | None:
     """The version a replica answers unversioned requests for ``model`` with (``GET /v1/models``)."""
-    from service.client import Client
+    from flowserve_client import Client
 
     with Client(url, timeout=timeout, retries=2) as client:
         for entry in client.models():
