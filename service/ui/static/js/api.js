@@ -26,10 +26,18 @@ function headers(json) {
   return h;
 }
 
+const RETRIES = 3;  // 503 answers (queue full, overloaded) are retried after their Retry-After
+
 async function call(method, path, body) {
-  const response = await fetch(path, {
-    method, headers: headers(body !== undefined), body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  let response;
+  for (let attempt = 0; ; attempt++) {
+    response = await fetch(path, {
+      method, headers: headers(body !== undefined), body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (response.status !== 503 || attempt >= RETRIES) break;
+    const wait = Math.min(5, Number(response.headers.get("retry-after")) || 1);
+    await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+  }
   const text = await response.text();
   if (!response.ok) {
     let problem = null;

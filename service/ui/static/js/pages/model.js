@@ -7,7 +7,7 @@ import { badge, errorBox, fmt, h } from "../dom.js";
 import { parseRows } from "../rows.js";
 
 const GRID = 80;            // heat map cells per axis
-const MARGINAL_SAMPLES = 2000;
+const MARGINAL_SAMPLES = 1000;
 const ALPHAS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1];
 
 /** [rows, cols] when the features are the pixels of an image (pixel_<r>_<c>, or a square ≥ 16), else null. */
@@ -303,17 +303,20 @@ export async function renderModel(root, name) {
   }
 
   // -- redraw on control changes --------------------------------------------------------------
+  // one request at a time: a page should not compete with the server's other clients for its queue
   async function redraw() {
     const jobs = [];
-    if (twoD) jobs.push(drawDensity().then(() => drawMarginal(true)));
-    else jobs.push(drawMarginal(true));
-    if (shape) jobs.push(drawImages());
-    const results = await Promise.allSettled(jobs);
-    for (const r of results) if (r.status === "rejected") root.append(errorBox(r.reason));
+    if (twoD) jobs.push(drawDensity);
+    if (shape) jobs.push(drawImages);
+    jobs.push(() => drawMarginal(true));
+    for (const job of jobs) {
+      try { await job(); } catch (err) { root.append(errorBox(err)); }
+    }
     root.dataset.drawn = String(Number(root.dataset.drawn || 0) + 1);
   }
 
-  await Promise.allSettled([redraw(), c.calibration ? drawCalibration().catch((e) => root.append(errorBox(e))) : null]);
+  await redraw();
+  if (c.calibration) await drawCalibration().catch((e) => root.append(errorBox(e)));
   if (twoD) await scoreRows();
   root.dataset.loaded = "true";
   return () => timers.forEach(clearTimeout);
