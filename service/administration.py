@@ -16,7 +16,9 @@ keeps serving and the failure is reported. Changes run one at a time (a lock), o
 - :meth:`ModelAdmin.unload`: stop serving it; afterwards its paths answer 404.
 
 Models still in their first load (state ``loading``) are refused with :class:`StillLoading`.
-This module knows nothing of HTTP.
+After a change that dropped versions, :func:`~service.memory.release_freed_memory` hands what they
+held back to the OS (the allocator keeps it otherwise: see :mod:`service.memory`), so a server
+reloaded again and again stays the same size. This module knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import threading
 from dataclasses import dataclass
 
 from .artifact import check_name
+from .memory import release_freed_memory
 from .registry import ModelEntry, ModelRegistry, ModelState
 
 __all__ = ["AdminError", "AdminResult", "InvalidName", "LoadFailed", "ModelAdmin", "NotInRepository", "StillLoading"]
@@ -128,18 +131,30 @@ class ModelAdmin:
         """Serve the versions the repository holds now, swapped in atomically; the old stay on failure."""
         self._check(name)
         with self._lock:
-            current = self._current(name)
-            self._in_repository(name)
-            return self._swap_in(name, current)
+            try:
+                return self._reload(name)
+            finally:  # the old versions (or a failed new one) are freed now, unless a request holds them
+                release_freed_memory()
+
+    def _reload(self, name: str) -> AdminResult:
+        current = self._current(name)
+        self._in_repository(name)
+        return self._swap_in(name, current)
 
     def unload(self, name: str) -> AdminResult:
         """Stop serving ``name`` (requests in flight finish); a model not served is left as it is."""
         self._check(name)
         with self._lock:
-            current = self._current(name)
-            if current is None:
-                self._in_repository(name)
-                return AdminResult(name, None, False, [])
-            self.registry.remove(name)
-            log.info("model %s unloaded (versions %s)", name, current.version_numbers)
-            return AdminResult(name, None, True, current.version_numbers)
+            result = self._unload(name)
+            if result.changed:
+                release_freed_memory()
+            return result
+
+    def _unload(self, name: str) -> AdminResult:
+        current = self._current(name)
+        if current is None:
+            self._in_repository(name)
+            return AdminResult(name, None, False, [])
+        self.registry.remove(name)
+        log.info("model %s unloaded (versions %s)", name, current.version_numbers)
+        return AdminResult(name, None, True, current.version_numbers)

@@ -7,7 +7,7 @@ eager one-row batches got 2 calls done in 2 s while another thread ran Python, a
 traced graph (bench/FINDINGS.md §7). A traced graph runs in TorchScript's interpreter, which releases
 the GIL for the whole call, and has less per-op overhead (a 32-row moons batch: 0.6 ms against 1.7 ms).
 
-How: :func:`torch.jit.trace` records the ops of :meth:`DensityModel.encode_columns` and
+How: TorchScript's tracer records the ops of :meth:`DensityModel.encode_columns` and
 :meth:`~DensityModel.decode_columns` once, on the model's device and dtype, for a small example
 batch; the batch size stays symbolic (zuko's flows have no data-dependent Python branches: loops run
 a fixed number of times, e.g. the ``passes`` of an autoregressive inverse). The graphs run with the
@@ -16,6 +16,20 @@ graph executor's optimisations off, so they call the same kernels in the same or
 several sizes, with and without context, its outputs must equal eager's to a few ulps, or the model
 stays eager (:class:`TraceMismatch`). Nothing traced is ever saved or loaded: graphs are rebuilt from
 the verified safetensors weights at every load, so no TorchScript archive (a code format) is read.
+
+Memory: :func:`torch.jit.trace` is *not* used, because it never gives memory back. Tracing a module
+makes a TorchScript class for it and each submodule (a new mangled name per trace) and compiles the
+traced ``forward`` as a method of that class, and all of these are registered in torch's one
+process-wide compilation unit (``torch.jit._state._python_cu``), which nothing ever empties but
+``torch._C._jit_clear_class_registry()`` (every class of the process at once, which would leave the
+models still served pointing at freed functions). Dropping the traced module frees its weights but
+not its graphs: a reload of the test ``moons`` cost ~30 MB for good (100 reloads: 1.2 -> 4.3 GB).
+So the graph is recorded with the tracer itself (``torch._C._create_graph_by_tracing``, what
+``torch.jit._get_trace_graph`` uses) with the pass's parameters and buffers as *graph inputs*, and
+compiled as a function of a :class:`torch._C.CompilationUnit` that only this :class:`TracedPasses`
+holds: dropping the model drops the runner, its compilation unit, its graphs and executor plans.
+Calling it runs the same interpreter as a traced method (the GIL released for the call), with the
+weights passed in as arguments (the same tensors the module holds: no copy).
 
 ``torch.jit`` is deprecated in favour of ``torch.compile``/``torch.export``; neither runs a whole
 graph without the GIL here without a C++ toolchain at serve time, so it is used where available and
@@ -33,7 +47,7 @@ from torch import Tensor, nn
 
 from .density import DensityModel
 
-__all__ = ["TracedPasses", "TraceMismatch", "trace_passes", "try_trace"]
+__all__ = ["TracedGraph", "TracedPasses", "TraceMismatch", "trace_passes", "try_trace"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +73,24 @@ class _Pass(nn.Module):
         if self.decode:
             return self.model.decode_columns(rows, context)
         return self.model.encode_columns(rows, context)
+
+
+class TracedGraph:
+    """One traced pass as a function of ``(rows[, context], *weights)`` in a compilation unit of its own.
+
+    Calling it passes ``weights`` (the pass's parameters and buffers, the very tensors the model
+    holds) after the rows, so the graph holds no reference to the model and nothing global holds
+    the graph: it is freed with this object.
+    """
+
+    def __init__(self, unit: torch._C.CompilationUnit, function: Callable[..., Tensor],
+                 weights: tuple[Tensor, ...]) -> None:
+        self._unit = unit  # owns the function (the function's handle also keeps it alive)
+        self._function = function
+        self._weights = weights
+
+    def __call__(self, *rows: Tensor) -> Tensor:
+        return self._function(*rows, *self._weights)
 
 
 class TracedPasses:
@@ -114,6 +146,24 @@ def _check(model: DensityModel, runner: TracedPasses) -> None:
                 raise TraceMismatch(f"traced {name} differs from eager on {rows} rows: {e}") from None
 
 
+def _trace_pass(module: nn.Module, rows: tuple[Tensor, ...], name: str) -> TracedGraph:
+    """Record ``module(*rows)`` as a graph of ``(*rows, *weights)`` and compile it in a private unit.
+
+    The parameters and buffers are traced as inputs (not as attributes of a scripted module), so the
+    graph holds none of them and nothing outside the returned object holds the graph.
+    """
+    weights = tuple(module.parameters()) + tuple(module.buffers())  # each tensor once (torch dedups)
+    n = len(rows)
+
+    def call(*args: Tensor) -> Tensor:
+        return module(*args[:n])
+
+    lookup = torch.jit._trace._create_interpreter_name_lookup_fn()
+    graph, _ = torch._C._create_graph_by_tracing(call, [*rows, *weights], lookup, True, False)
+    unit = torch._C.CompilationUnit()
+    return TracedGraph(unit, unit.create_function(name, graph), weights)
+
+
 def trace_passes(model: DensityModel) -> TracedPasses:
     """Trace ``model``'s packed encode and decode on its device and dtype, and check them.
 
@@ -125,10 +175,9 @@ def trace_passes(model: DensityModel) -> TracedPasses:
     inputs = (x, c) if model.context_features else (x,)
     graphs = []
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings on shape reads and torch.jit's deprecation notice
+        warnings.simplefilter("ignore")  # TracerWarnings on shape reads
         for decode in (False, True):
-            module = _Pass(model, decode).eval()
-            graphs.append(torch.jit.trace(module, inputs, check_trace=False))
+            graphs.append(_trace_pass(_Pass(model, decode).eval(), inputs, "decode" if decode else "encode"))
     runner = TracedPasses(graphs[0], graphs[1], conditional=bool(model.context_features))
     with torch.inference_mode():
         _check(model, runner)
