@@ -144,6 +144,22 @@ def test_an_oversized_head_gets_431(timeouts_server: ServerProcess) -> None:
         s.close()
 
 
+def test_a_head_written_with_a_large_body_in_one_send_is_not_taken_for_a_large_head(
+        timeouts_server: ServerProcess) -> None:
+    """Only the head's bytes count towards the head limit: a browser writing the head and a 100 KB
+    JSON body in one send (the /ui heat map) was answered 431 when the body's bytes counted too."""
+    rows = b"[" + b",".join(b"[%d.5, 0.25]" % (i % 7) for i in range(8000)) + b"]"
+    body = b'{"inputs": ' + rows + b"}"
+    assert len(body) > 70_000
+    s = _connect(timeouts_server)
+    try:
+        s.sendall(_request("/v1/models/moons/log_prob", body))
+        data = _read_response(s)
+        assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    finally:
+        s.close()
+
+
 def test_keep_alive_connections_are_reused_and_closed_after_idling(timeouts_server: ServerProcess) -> None:
     s = _connect(timeouts_server)
     try:
