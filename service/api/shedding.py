@@ -6,16 +6,24 @@ hundreds are ready at once one turn lasts long, so every request waits a few tur
 the queue stays nearly empty and its bound (``max_queue_rows``) never refuses anything.
 :class:`LoadShedding` admits each operation request by an estimate of the wait ahead of it::
 
-    wait = loop lag + queued rows / throughput
+    wait = max(loop lag + compute ahead of a one-row request (round robin),
+               operations in flight / operations completed per second)
 
 * **loop lag** (:class:`LoopLag`): a timer is due every :data:`LAG_INTERVAL_S`; how late it fires
   is how long the loop takes to come back to any callback. The estimate is the larger of the last
   lateness (decayed by :data:`LAG_DECAY` per tick, so one slow turn does not shed for long) and how
   late the pending tick is already (so a loop that was blocked is seen the moment it runs again).
-* **queue**: ``worker.queued_rows()`` (public) over the rows per second of compute, measured from
-  the app's Prometheus histograms ``flowserve_batch_rows`` and ``flowserve_batch_compute_seconds``
-  (their ``_sum`` growth between ticks, over :data:`RATE_WINDOW_S`); until a batch ran it is 0
-  and the estimate is the loop lag alone.
+* **queue**: :meth:`DeviceWorker.wait_estimate` - the seconds of compute queued ahead of a new
+  one-row request under the worker's round robin (a one-row request does not wait for all of a
+  million-row one, only for a slice of it), from the worker's measured rate per model and pass; 0
+  until a batch has run.
+
+* **Little's law** (:class:`Completions`): the mean time in the server is the number of requests
+  in it over the rate they leave it, :math:`W = L / \lambda`, whatever the bottleneck (the loop's
+  turns, the worker, the GIL between them). :math:`\lambda` is counted over the last
+  :data:`RATE_WINDOW_S` and used only once :data:`MIN_COMPLETIONS` requests completed in it, so
+  one slow bulk request alone (few completions) never sheds the small ones that round robin serves
+  beside it.
 
 A request whose ``wait`` exceeds ``fraction * request_timeout_s`` is answered at once, before its
 body is read, ``503 overloaded`` (problem+json) with ``Retry-After: ceil(wait)``, as Triton's queue
@@ -31,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -39,14 +48,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .errors import Problem
 from .fastpath import match_operation
 
-__all__ = ["LoadShedding", "LoopLag", "is_operation"]
+__all__ = ["Completions", "LoadShedding", "LoopLag", "is_operation"]
 
 #: seconds between the lag timer's ticks
 LAG_INTERVAL_S = 0.025
+#: seconds over which completed operations are counted (Little's law)
+RATE_WINDOW_S = 1.0
+#: completions in the window before their rate is trusted
+MIN_COMPLETIONS = 20
 #: factor on the remembered lateness per tick (0.8 per 25 ms: a lateness fades to a tenth in ~0.26 s)
 LAG_DECAY = 0.8
-#: seconds over which the compute throughput is measured
-RATE_WINDOW_S = 1.0
 
 
 def is_operation(scope: Scope) -> bool:
@@ -104,26 +115,30 @@ class LoopLag:
         return max(self.lag, self._loop.time() - self._due)
 
 
-class _Throughput:
-    """Rows per second of compute, from the growth of the batch histograms' sums."""
+class Completions:
+    """Operations in flight and the rate they complete at (event-loop side only, no lock)."""
 
-    def __init__(self, metrics: Any) -> None:
-        self._metrics = metrics
-        self._mark: tuple[float, float, float] | None = None  # (time, rows sum, compute seconds sum)
-        self.rows_per_second: float | None = None
+    def __init__(self, window: float = RATE_WINDOW_S, minimum: int = MIN_COMPLETIONS) -> None:
+        self.window = window
+        self.minimum = minimum
+        self.in_flight = 0
+        self._done: deque[float] = deque()
 
-    @staticmethod
-    def _sum(histogram: Any) -> float:
-        return sum(s.value for family in histogram.collect() for s in family.samples if s.name.endswith("_sum"))
+    def started(self) -> None:
+        self.in_flight += 1
 
-    def update(self) -> None:
-        now = time.monotonic()
-        if self._mark is not None and now - self._mark[0] < RATE_WINDOW_S:
-            return
-        rows, seconds = self._sum(self._metrics.batch_rows), self._sum(self._metrics.batch_compute)
-        if self._mark is not None and seconds - self._mark[2] > 0:
-            self.rows_per_second = (rows - self._mark[1]) / (seconds - self._mark[2])
-        self._mark = (now, rows, seconds)
+    def finished(self, now: float) -> None:
+        self.in_flight -= 1
+        self._done.append(now)
+
+    def expected_wait(self, now: float) -> float:
+        """``in_flight / completions per second`` over the window (0 with too few completions)."""
+        done = self._done
+        while done and done[0] < now - self.window:
+            done.popleft()
+        if len(done) < self.minimum:
+            return 0.0
+        return self.in_flight / (len(done) / self.window)
 
 
 class LoadShedding:
@@ -141,32 +156,33 @@ class LoadShedding:
         self.state = state
         self.limit_s = fraction * state.settings.request_timeout_s
         self.lag = LoopLag()
-        self._throughput = _Throughput(state.metrics)
         registry = state.metrics.registry
         self._lag_gauge = Gauge("flowserve_event_loop_lag_seconds",
                                 "How late the event loop runs a callback that is due (decayed maximum).",
                                 registry=registry)
         self._shed = Counter("flowserve_requests_shed", "Operation requests answered 503 overloaded before "
                              "their body was read.", registry=registry)
+        self.completions = Completions()
         self.lag.on_tick(self._after_tick)
 
     def _after_tick(self) -> None:
         self._lag_gauge.set(self.lag.lag)
-        self._throughput.update()
 
     def estimated_wait(self) -> float:
-        """Seconds a request arriving now is expected to wait: loop lag plus the worker's queue."""
+        """Seconds a request arriving now is expected to wait (module docstring)."""
         wait = self.lag.current()
         worker = self.state.worker
-        rate = self._throughput.rows_per_second
-        if worker is not None and rate:
-            wait += worker.queued_rows() / rate
-        return wait
+        if worker is not None:
+            wait += worker.wait_estimate()
+        return max(wait, self.completions.expected_wait(time.monotonic()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.lag.running and scope["type"] in ("http", "lifespan"):
             self.lag.start(asyncio.get_running_loop())
-        if self.limit_s > 0 and is_operation(scope):
+        if not is_operation(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.limit_s > 0:
             wait = self.estimated_wait()
             if wait > self.limit_s:
                 self._shed.inc()
@@ -177,4 +193,8 @@ class LoadShedding:
                     retry)
                 await problem.response(scope["path"])(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        self.completions.started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.completions.finished(time.monotonic())

@@ -144,6 +144,9 @@ class DeviceWorker:
         self._thread: threading.Thread | None = None
         self._throughput = Throughput()
         self._rates: dict[tuple[Hashable, Pass], BulkRate] = {}  # outlives the (deleted when empty) queues
+        # seconds of one batch of each (key, pass), any size (EMA), and when the running batch began
+        self._batch_seconds: dict[tuple[Hashable, Pass], float] = {}
+        self._running: tuple[tuple[Hashable, Pass], float] | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,19 +236,26 @@ class DeviceWorker:
                 self._reserved_rows -= reservation.rows
 
     def wait_estimate(self, rows: int = 1) -> float:
-        """Seconds of compute queued ahead of a new request of ``rows`` rows, under round robin:
-        ``sum over queues of min(rows waiting, rows * jobs waiting) / measured rate`` (queues not
-        measured yet count 0). Unlike ``queued_rows() / rate`` it does not make a one-row request
-        wait for a million-row one, which it does not (module docstring)."""
+        """Seconds of compute ahead of a new request of ``rows`` rows, under round robin: what is
+        left of the batch running now, then for each queue with rows waiting its turn,
+        ``max(min(rows waiting, rows * jobs waiting) / measured rate, one batch of that queue)``
+        (a queue of small jobs is one batch; rates and batch times not measured yet count 0).
+        Unlike ``queued_rows() / rate`` it does not make a one-row request wait for a million-row
+        one, which it does not (module docstring)."""
         with self._cond:
             return self._ahead_seconds(max(1, int(rows)))
 
     def _ahead_seconds(self, n: int) -> float:
         ahead = 0.0
+        if self._running is not None:
+            which, began = self._running
+            ahead += max(0.0, self._batch_seconds.get(which, 0.0) - (time.perf_counter() - began))
         for (k, p), queue in self._queues.items():
+            if not queue.rows:
+                continue
             rate = self._rates.get((k, p))
-            if rate is not None and queue.rows:
-                ahead += rate.seconds_for(min(queue.rows, n * len(queue.jobs))) or 0.0
+            bulk = 0.0 if rate is None else rate.seconds_for(min(queue.rows, n * len(queue.jobs))) or 0.0
+            ahead += max(bulk, self._batch_seconds.get((k, p), 0.0))
         return ahead
 
     def _admit(self, key: Hashable, pass_: Pass, n: int, deadline: float | None, now: float) -> None:
@@ -588,12 +598,17 @@ class DeviceWorker:
             self._notify("on_dequeue", batch.key, batch.pass_, wait)
         rows, jobs = batch.rows, batch.jobs
         started = time.perf_counter()
+        which = (batch.key, batch.pass_)
+        self._running = (which, started)
         try:
             outcomes = compute(batch.model, batch.pass_, batch.segments)
         except Exception as exc:  # noqa: BLE001 - a bug here must not kill the thread
             log.exception("batch of %d rows failed outside the model", rows)
             outcomes = [(segment, exc) for segment in batch.segments]
         seconds = time.perf_counter() - started
+        self._running = None
+        old = self._batch_seconds.get(which)
+        self._batch_seconds[which] = seconds if old is None else 0.8 * old + 0.2 * seconds
         self._throughput.update(rows, seconds)
         if (batch.full or rows >= BULK_ROWS) and not any(isinstance(o, BaseException) for _, o in outcomes):
             self._rates.setdefault((batch.key, batch.pass_), BulkRate()).update(rows, seconds)
