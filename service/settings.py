@@ -26,7 +26,7 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_TIMEOUT_KEEP_ALIVE_S`` | ``5``      | an idle kept-alive connection is closed after this long        |
 | ``FLOWSERVE_HEADER_TIMEOUT_S`` | ``10``         | a request head not complete this long after the connection opened, or after its first byte: 408 and close |
 | ``FLOWSERVE_BODY_TIMEOUT_S``   | ``60``         | a request body not complete this long after its head: 408 and close |
-| ``FLOWSERVE_MAX_CONNECTIONS``  | from ``ulimit -n`` | connections held open; later ones get 503 + Retry-After (default: the soft ``RLIMIT_NOFILE`` less 320) |
+| ``FLOWSERVE_MAX_CONNECTIONS``  | from ``ulimit -n`` | connections held open; later ones get 503 + Retry-After (default: the soft ``RLIMIT_NOFILE``, raised towards the hard limit at start, less 320) |
 | ``FLOWSERVE_SHED_WAIT_FRACTION`` | ``0.5``      | answer an operation 503 + Retry-After at once when its estimated wait (loop lag + queue) exceeds this fraction of the deadline; 0: never |
 | ``FLOWSERVE_API_KEYS``         | none           | comma-separated bearer keys the model endpoints need (none: open) |
 | ``FLOWSERVE_ADMIN_KEY``        | none           | the bearer key of ``/v1/admin`` (none: administration disabled) |

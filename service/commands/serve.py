@@ -53,7 +53,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "timeout_keep_alive_s": (float, "close idle kept-alive connections after this long, s (default: 5)"),
     "header_timeout_s": (float, "a request head must be complete this long after the connection or its first byte, s; else 408 (default: 10)"),
     "body_timeout_s": (float, "a request body must be complete this long after its head, s; else 408 (default: 60)"),
-    "max_connections": (int, "connections held open; excess ones are answered 503 (default: ulimit -n less 320)"),
+    "max_connections": (int, "connections held open; excess ones are answered 503 (default: ulimit -n, raised towards the hard limit at start, less 320)"),
     "shed_wait_fraction": (float, "503 an operation at once when its estimated wait exceeds this fraction of the deadline; 0: never (default: 0.5)"),
 }
 
@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import create_app
-    from ..api.connections import ConnectionLimits, DrainSignal, default_max_connections, protocol_class
+    from ..api.connections import (ConnectionLimits, DrainSignal, default_max_connections, protocol_class,
+                                   raise_open_file_limit)
     from ..api.fastpath import OperationFastPath
     from ..api.shedding import LoadShedding
 
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     served = LoadShedding(OperationFastPath(app), state, settings.shed_wait_fraction)
     # uvicorn's httptools protocol with read timeouts, a connection cap and drain (service/api/connections.py);
     # its own limit_concurrency is not used (it refuses established connections too, without Retry-After).
+    raise_open_file_limit()  # towards the hard limit, before the default cap is derived from it
     limits = ConnectionLimits(
         header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
         max_connections=settings.max_connections or default_max_connections(),
