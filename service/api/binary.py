@@ -17,7 +17,9 @@ declared shape checked against the bytes actually sent, and the data mapped with
 before reading: a 100-byte body could ask for terabytes. Real numbers of any width are accepted:
 float32 and float64 (the contract's formats), and also float16, integers and booleans, which are
 converted to float64 exactly as the same numbers sent as JSON would be. An ``.npz`` may not
-expand to more than ``max_body_bytes`` of uncompressed members (zip bombs get 413).
+expand to more than ``max_body_bytes`` of uncompressed members (zip bombs get 413): members are
+inflated here in bounded steps, counting real output, never trusting the zip directory's sizes
+(:func:`read_npz`), and off the event loop (:mod:`service.api.bodies`).
 
 Answers (:func:`encode`): ``.npy`` is the operation's main array in the model's dtype (see
 :data:`MAIN_FIELD`); ``.npz`` is the whole answer, one member per field: arrays as they are,
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import zipfile
 import zlib
 from typing import Any, Iterator, Mapping
@@ -120,21 +123,101 @@ def _member_name(name: str, key: str | None) -> str:
     return f"the .npz member {name!r}" if key is None else f"{key} (.npz member {name!r})"
 
 
+#: zip compression methods a member may use: stored and deflate (``np.savez`` / ``np.savez_compressed``).
+#: Others (bzip2, lzma) are refused: Python's readers for them cannot bound the output of one step.
+MEMBER_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+#: compressed bytes fed to zlib per step, and the most it may inflate them to in one step: memory
+#: is bounded by the cap plus one step whatever the archive claims
+INFLATE_IN = 1 << 16
+INFLATE_OUT = 1 << 20
+#: a zip local file header: signature, then fixed fields; name and extra lengths at offsets 26 and 28
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+
+
+def _bad_member(info: zipfile.ZipInfo, key: str, why: str) -> Problem:
+    return Problem(400, "malformed-npy", f"{_member_name(info.filename, None)} cannot be read: {why}",
+                   errors=[field_error(("body", key), why)])
+
+
+def _member_data(body: memoryview, info: zipfile.ZipInfo, key: str) -> memoryview:
+    """The compressed bytes of ``info`` (after its local header), within ``body``."""
+    start = info.header_offset
+    header = bytes(body[start:start + _LOCAL_HEADER.size])
+    if len(header) < _LOCAL_HEADER.size:
+        raise _bad_member(info, key, "its local header lies outside the archive")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    if signature != _LOCAL_SIGNATURE:
+        raise _bad_member(info, key, "its local header is missing")
+    begin = start + _LOCAL_HEADER.size + name_len + extra_len
+    end = begin + info.compress_size
+    if end > len(body):
+        raise _bad_member(info, key, f"its {info.compress_size} compressed bytes run past the end of the body")
+    return body[begin:end]
+
+
+def _inflate(data: memoryview, info: zipfile.ZipInfo, key: str, budget: int, max_bytes: int) -> bytearray:
+    """The member's bytes, inflated step by step; 413 as soon as they pass ``budget``.
+
+    The directory's sizes are never trusted: ``info.file_size`` is only checked after the fact
+    (with the CRC), and a step inflates at most :data:`INFLATE_OUT` bytes, so a member whose
+    directory entry says 1 KiB but which inflates to 1 GiB is stopped after ``budget`` + 1 MiB.
+    """
+    def too_large(got: int) -> Problem:
+        return Problem(413, "content-too-large",
+                       f"the .npz archive expands to more than {max_bytes} bytes: {_member_name(info.filename, key)} "
+                       f"alone expands to more than {got} bytes; this server takes at most {max_bytes} bytes "
+                       "(FLOWSERVE_MAX_BODY_BYTES)",
+                       errors=[field_error(("body", key), f"expands past the limit of {max_bytes} bytes")])
+
+    if info.compress_type == zipfile.ZIP_STORED:
+        if len(data) > budget:
+            raise too_large(len(data))
+        out = bytearray(data)
+    else:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as zip stores it
+        out = bytearray()
+        pos = 0
+        try:
+            while not inflater.eof:
+                chunk = inflater.unconsumed_tail
+                if not chunk:
+                    if pos >= len(data):
+                        raise _bad_member(info, key, "its deflate stream is truncated")
+                    chunk = data[pos:pos + INFLATE_IN]
+                    pos += len(chunk)
+                out += inflater.decompress(chunk, INFLATE_OUT)
+                if len(out) > budget:
+                    raise too_large(len(out))
+        except zlib.error as e:
+            raise _bad_member(info, key, f"its deflate stream is corrupt: {e}") from None
+    if len(out) != info.file_size:
+        raise _bad_member(info, key, f"the archive's directory says {info.file_size} bytes, but it holds {len(out)}")
+    if zlib.crc32(out) != info.CRC:
+        raise _bad_member(info, key, "its CRC-32 does not match its bytes")
+    return out
+
+
 def read_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
-    """The members of an ``.npz`` archive by field name; at most ``max_bytes`` uncompressed."""
+    """The members of an ``.npz`` archive by field name; at most ``max_bytes`` inflated, in all.
+
+    Only the member names, offsets and compressed sizes of the zip directory are used; every member
+    is inflated here in bounded steps, counting its real output against ``max_bytes`` (413 naming
+    the member as soon as the total passes it), so what a zip bomb costs is bounded by the limit
+    whatever its directory says. The limit is the body limit: an ``.npz`` admits no more data than
+    the same arrays sent uncompressed could (an ``.npy`` body of ``max_bytes``), and it does not
+    depend on the model (the body is parsed before its rows are checked).
+    """
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as e:
         raise Problem(400, "malformed-npy", f"the body is not a valid .npz archive: {e}",
                       errors=[field_error(("body",), str(e))]) from None
     arrays: dict[str, np.ndarray] = {}
+    view = memoryview(body)
+    budget = max_bytes
     with archive:
-        infos = archive.infolist()
-        total = sum(info.file_size for info in infos)
-        if total > max_bytes:
-            raise Problem(413, "content-too-large", f"the .npz archive expands to {total} bytes; this server takes at "
-                          f"most {max_bytes} bytes (FLOWSERVE_MAX_BODY_BYTES)")
-        for info in infos:
+        for info in archive.infolist():
             if info.is_dir():
                 continue
             if not info.filename.endswith(".npy"):
@@ -144,13 +227,16 @@ def read_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
             if key in arrays:
                 raise Problem(400, "malformed-npy", f"the .npz archive holds {key!r} twice",
                               errors=[field_error(("body", key), "given twice")])
-            try:
-                data = archive.read(info)
-            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError, EOFError, OSError,
-                    zlib.error) as e:
-                raise Problem(400, "malformed-npy", f"{_member_name(info.filename, None)} cannot be read: {e}",
-                              errors=[field_error(("body", key), str(e))]) from None
-            arrays[key] = read_npy(data, _member_name(info.filename, key), ("body", key))
+            if info.flag_bits & 0x1:
+                raise _bad_member(info, key, "it is encrypted")
+            if info.compress_type not in MEMBER_METHODS:
+                raise _bad_member(info, key, f"compression method {info.compress_type} is not supported "
+                                             "(use np.savez or np.savez_compressed: stored or deflate)")
+            data = _inflate(_member_data(view, info, key), info, key, budget, max_bytes)
+            budget -= len(data)
+            array = read_npy(data, _member_name(info.filename, key), ("body", key))
+            array.flags.writeable = False  # as from bytes: the parsed body is read-only
+            arrays[key] = array
     return arrays
 
 
@@ -186,8 +272,8 @@ def parse_npz(body: bytes, request: Request) -> ParsedBody:
 
 def install() -> None:
     """Make every operation accept ``.npy`` and ``.npz`` bodies."""
-    register_parser(NPY, parse_npy)
-    register_parser(NPZ, parse_npz)
+    register_parser(NPY, parse_npy, off_loop=True)
+    register_parser(NPZ, parse_npz, always_off_loop=True)  # a small body may inflate to the whole limit
 
 
 # -- writing -------------------------------------------------------------------------------------------
