@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Calibration"]
+__all__ = ["Calibration", "HISTOGRAM_BINS"]
+
+#: bins of the calibration histogram in a model card
+HISTOGRAM_BINS = 40
 
 
 @dataclass(frozen=True)
@@ -68,3 +71,18 @@ class Calibration:
     def quantiles(self, qs: tuple[float, ...] = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95)) -> dict[str, float]:
         """Quantiles of the calibration log-densities, for the model card."""
         return {str(q): float(np.quantile(self.log_probs, q)) for q in qs}
+
+    def histogram(self, bins: int = HISTOGRAM_BINS) -> dict[str, list[float] | list[int]]:
+        """Counts of the calibration log-densities in ``bins`` equal-width bins over their range.
+
+        ``edges`` has ``bins + 1`` entries and ``counts[i]`` is the number of values in
+        ``[edges[i], edges[i + 1])`` (the last bin closed), so ``sum(counts)`` is the calibration
+        size: enough to draw the distribution against which ``/score`` computes p-values without
+        shipping every held-out value.
+        """
+        counts, edges = np.histogram(self.log_probs, bins=bins)
+        return {"edges": edges.tolist(), "counts": counts.astype(int).tolist()}
+
+    def summary(self) -> dict[str, object]:
+        """The model card's ``calibration``: size, quantiles and histogram (server and CLI alike)."""
+        return {"size": self.size, "quantiles": self.quantiles(), "histogram": self.histogram()}

@@ -69,7 +69,7 @@ def local_card(model_dir: Path, name: str, version: int | None) -> dict[str, Any
         dtype=m.dtype,
         base=m.base,
         training=m.training,
-        calibration={"size": calibration.size, "quantiles": calibration.quantiles()} if calibration else None,
+        calibration=calibration.summary() if calibration else None,
         anomaly_alpha=m.anomaly_alpha,
         exactness=m.exactness,
         notes=list(m.notes),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
@@ -17,8 +16,6 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 NAME = Path(..., description="The model's name.", examples=["moons"])
 VERSION = Path(..., description="An integer version of the model.", examples=["1"])
-#: bins of the calibration histogram in a model card
-HISTOGRAM_BINS = 40
 _ERRORS = {404: {"description": "Unknown model or version (application/problem+json)."},
            503: {"description": "The model is still loading or failed to load (application/problem+json)."}}
 
@@ -56,27 +53,13 @@ def card(entry: ModelEntry, served: ServedModel, device: str) -> dict[str, Any]:
         "base": m.base,
         "preprocessing": m.preprocessing.model_dump(),
         "training": m.training,
-        "calibration": None if calibration is None else {"size": calibration.size,
-                                                        "quantiles": calibration.quantiles(),
-                                                        "histogram": calibration_histogram(calibration.log_probs)},
+        "calibration": None if calibration is None else calibration.summary(),
         "anomaly_alpha": m.anomaly_alpha,
         "exactness": m.exactness,
         "notes": m.notes,
         "sha256": m.weights.sha256,
         "created_at": m.created_at,
     }
-
-
-def calibration_histogram(log_probs: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, list[float] | list[int]]:
-    """Counts of the calibration log-densities in ``bins`` equal-width bins over their range.
-
-    ``edges`` has ``bins + 1`` entries and ``counts[i]`` is the number of values in
-    ``[edges[i], edges[i + 1])`` (the last bin closed), so ``sum(counts)`` is the calibration size:
-    enough to draw the distribution against which ``/score`` computes p-values without shipping
-    every held-out value.
-    """
-    counts, edges = np.histogram(np.asarray(log_probs, dtype=np.float64), bins=bins)
-    return {"edges": edges.tolist(), "counts": counts.astype(int).tolist()}
 
 
 def _device(request: Request) -> str:
