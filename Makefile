@@ -38,7 +38,7 @@ cluster: setup system-deps
 	$(PY) -m deploy.local.cluster up --replicas $(REPLICAS) --port 8080 --model-dir models --models moons
 
 models: setup
-	$(PY) -m service.default_models --model-dir models
+	$(PY) -m service.training.default_models --model-dir models
 
 # `make bench` (full, ~10 min) or `make bench BENCH_ARGS=--quick` (a smoke run): see bench/README.md.
 # wrk from Debian is installed when absent (else the harness's Python load generator is used).

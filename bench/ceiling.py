@@ -1,9 +1,9 @@
 """The HTTP ceiling: a no-op FastAPI app that parses the same body and answers the same shape.
 
 ``POST /v1/models/{name}/log_prob`` reads ``{"inputs": rows}`` the way flowserve's API does
-(``service/api/bodies.py`` and ``rows.py``: the raw body streamed within a byte limit, ``orjson.loads``,
+(``service/http/codecs/bodies.py`` and ``rows.py``: the raw body streamed within a byte limit, ``orjson.loads``,
 one ``np.asarray`` over the rows, a float64 array, shape and ``np.isfinite`` checks) and answers
-``{"model", "version", "log_prob": [...]}`` the way ``service/api/responses.py`` does (orjson with
+``{"model", "version", "log_prob": [...]}`` the way ``service/http/responses.py`` does (orjson with
 ``OPT_SERIALIZE_NUMPY``, float32 values), without any model, registry, metrics or batching. It is
 served by uvicorn with flowserve's own uvicorn settings, so the difference between the two is what
 flowserve adds: its lookups and metrics, the hand-off to the worker, the model itself.

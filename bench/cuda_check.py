@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from service.cuda_graphs import EagerPasses, GraphedPasses
-from service.repository import ModelRepository
-from service.tracing import trace_passes
+from service.accel.cuda_graphs import EagerPasses, GraphedPasses
+from service.model.repository import ModelRepository
+from service.accel.torchscript import trace_passes
 
 SIZES = (1, 2, 3, 7, 33, 100, 1000, 4096, 5000)
 

@@ -4,7 +4,7 @@ For ``n`` rows and batch size ``b``, the rows are cut into ``⌈n / b⌉`` chunk
 through :meth:`DensityModel.encode_packed` (or, for sampling, :meth:`DensityModel.draw_latents` for
 all ``n`` on the CPU and :meth:`DensityModel.decode_packed` per chunk, as the server does) under
 ``torch.inference_mode()``, in the model's dtype, on the server's device, with the model traced as
-the server traces it by default (:mod:`service.tracing`), so both run the same graphs.
+the server traces it by default (:mod:`service.accel.torchscript`), so both run the same graphs.
 
 The limit is the fastest run over torch intra-op thread counts (the server's, i.e. torch's default
 in a fresh process, and 1), batch sizes (the server's ``max_batch_rows``, and ``n`` in one call when
@@ -22,9 +22,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from service.density import DensityModel
-from service.registry import ModelRegistry
-from service.repository import ModelRepository
+from service.model.density import DensityModel
+from service.serving.registry import ModelRegistry
+from service.model.repository import ModelRepository
 
 __all__ = ["load_model", "realistic_rows", "Limit", "encode_limit", "decode_limit"]
 

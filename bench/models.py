@@ -1,7 +1,7 @@
 """Models the harness makes itself: an 8-feature NSF (coupling) and, for smoke runs, a tiny one.
 
-Both are fitted for a few seconds on synthetic data with :func:`service.training.fit` and written
-with :func:`service.artifact.save_artifact`, so the server loads them exactly like any other model
+Both are fitted for a few seconds on synthetic data with :func:`service.training.fit.fit` and written
+with :func:`service.model.artifact.save_artifact`, so the server loads them exactly like any other model
 (manifest, safetensors, calibration). Their speed, not their quality, is what the harness measures.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifact import save_artifact
-from service.training import TrainConfig, fit
+from service.model.artifact import save_artifact
+from service.training.fit import TrainConfig, fit
 
 __all__ = ["make_nsf8", "make_tiny", "synthetic_rows"]
 

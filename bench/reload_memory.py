@@ -13,7 +13,7 @@ every new version serves), and reads ``VmRSS`` again. It prints one line per set
 
 A reload that leaks shows as growth proportional to ``--reloads`` (before the fix: ~30 MB per
 reload of ``moons``, from the TorchScript classes ``torch.jit.trace`` registered process-wide; see
-:mod:`service.tracing`).
+:mod:`service.accel.torchscript`).
 """
 
 from __future__ import annotations

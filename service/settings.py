@@ -44,7 +44,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .artifact import check_name
+from service.model.artifact import check_name
 
 __all__ = ["Settings", "SettingsError", "default_batch_rows", "load_settings"]
 
@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0, description="Shed operations whose estimated wait exceeds this fraction of the deadline.")
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Bearer keys of the model endpoints (service.api.auth).")
+        default_factory=list, description="Bearer keys of the model endpoints (service.http.auth).")
     admin_key: SecretStr | None = Field(None, description="Bearer key of /v1/admin; None disables it.")
 
     @field_validator("models", "api_keys", mode="before")

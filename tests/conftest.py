@@ -1,12 +1,20 @@
-"""Generic fixtures: small data sets, a small architecture, and a 2-D model trained once per session."""
+"""The fixtures of every test module (pytest finds this file itself; no module registers plugins).
+
+Generic: small data sets, a small architecture, and a 2-D model trained once per session.
+HTTP: ``model_repo``, the tiny repository of :func:`tests.server.build_repository` (session-scoped);
+``server`` / ``client``, a server with default settings over it and an httpx client to it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import httpx
 import numpy as np
 import pytest
+
+from tests.server import ServerProcess, build_repository, start_server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,11 +54,34 @@ def tiny() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def trained_moons(tmp_path_factory: pytest.TempPathFactory, moons_rows: np.ndarray) -> Path:
     """The folder of a 2-D NSF trained for a few seconds on the moons rows (``train_and_save``)."""
-    from service.data import Dataset
-    from service.train_run import train_and_save
-    from service.training import TrainConfig
+    from service.training.data import Dataset
+    from service.training.run import train_and_save
+    from service.training.fit import TrainConfig
 
     data = Dataset(moons_rows, None, ["x", "y"], [], "moons")
     config = TrainConfig(flow="nsf", transforms=3, hidden_features=[32, 32], epochs=25, batch_size=128,
                          patience=50, max_minutes=1.0, seed=0)
     return train_and_save(data, "moons", tmp_path_factory.mktemp("repo"), config)
+
+
+# -- HTTP: a real server on a loopback port -----------------------------------------------------------
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with ``moons`` (versions 1, 2), ``cond`` and ``nocal``."""
+    return build_repository(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The main test server over :func:`model_repo`, with default settings."""
+    proc = start_server(model_repo, tmp_path_factory.mktemp("server"))
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c

@@ -1,8 +1,8 @@
 """Helpers of the HTTP tests: a tiny model repository and real servers in subprocesses.
 
-The fixtures over them live in :mod:`tests.fixtures_server`. The models are
-trained for a few epochs with :func:`service.training.fit` and saved with
-:func:`service.artifact.save_artifact`, exactly as real models are:
+The fixtures over them live in :mod:`tests.conftest`. The models are
+trained for a few epochs with :func:`service.training.fit.fit` and saved with
+:func:`service.model.artifact.save_artifact`, exactly as real models are:
 
 - ``moons``: 2 features ``x0, x1``, NSF, two versions (1 and 2), calibration from held-out rows;
 - ``cond``: 2 features, 3 one-hot context features ``c0..c2`` (a Gaussian blob per class), MAF;
@@ -51,7 +51,7 @@ def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _save(root: Path, name: str, result: Any, feature_names: list[str], context_names: list[str],
           calibration: list[float], rows: int) -> Path:
-    from service.artifact import save_artifact
+    from service.model.artifact import save_artifact
 
     model = result.model
     fields = {
@@ -74,7 +74,7 @@ def build_repository(root: Path) -> Path:
     """Train and save the test models under ``root`` (a few seconds on 2 cores)."""
     import torch
 
-    from service.training import TrainConfig, fit
+    from service.training.fit import TrainConfig, fit
 
     torch.set_num_threads(1)
     small = dict(transforms=2, hidden_features=[16, 16], epochs=6, batch_size=128, patience=50, max_minutes=0.5)

@@ -19,10 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.artifact import load_artifact, save_artifact
+from service.model.artifact import load_artifact, save_artifact
 from tests.server import ServerProcess, running_servers
 
-pytest_plugins = ["tests.fixtures_server"]
 
 ADMIN_KEY = "admin-key-for-tests"
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}

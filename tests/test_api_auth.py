@@ -13,11 +13,10 @@ import httpx
 import pytest
 from flowserve_client import Client, Forbidden, Unauthorized
 
-from service.api.auth import Keys
+from service.http.auth import Keys
 from service.settings import load_settings
 from tests.server import ServerProcess, running_servers
 
-pytest_plugins = ["tests.fixtures_server"]
 
 PROBLEM = "application/problem+json"
 API_KEYS = ("key-one", "key-two-is-longer")

@@ -19,7 +19,6 @@ import pytest
 from tests.server import ServerProcess, running_servers
 from tests.tolerance import assert_batch_invariant
 
-pytest_plugins = ["tests.fixtures_server"]
 
 M = "/v1/models/moons"
 

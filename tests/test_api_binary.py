@@ -19,7 +19,6 @@ from flowserve_client import Client
 
 from tests.server import ServerProcess, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"

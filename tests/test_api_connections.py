@@ -16,7 +16,6 @@ import pytest
 
 from tests.server import ServerProcess, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 LOG_PROB = b'{"inputs": [[0.5, 0.2]]}'
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 
-from service.api.schemas import DIGIT_ZERO
+from service.http.schemas import DIGIT_ZERO
 from tests.server import ROOT, ServerProcess
 
-pytest_plugins = ["tests.fixtures_server"]
 
 DEFAULTS = ("digits", "digits-cond", "moons")
 

@@ -13,7 +13,6 @@ import pytest
 
 from tests.server import ServerProcess, metric_value
 
-pytest_plugins = ["tests.fixtures_server"]
 
 X = [[0.5, 0.25], [1.0, -0.5], [-0.8, 0.6], [0.0, 0.3]]
 CTX = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]]

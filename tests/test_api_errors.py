@@ -11,7 +11,6 @@ import pytest
 
 from tests.server import ServerProcess, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 PROBLEM = "application/problem+json"
 M = "/v1/models/moons"

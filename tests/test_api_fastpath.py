@@ -1,6 +1,6 @@
-"""The operations' fast path (:mod:`service.api.fastpath`) answers exactly as the FastAPI routes do.
+"""The operations' fast path (:mod:`service.http.router`) answers exactly as the FastAPI routes do.
 
-In this process, one app from :func:`service.api.create_app` is served by two uvicorn servers on
+In this process, one app from :func:`service.http.create_app` is served by two uvicorn servers on
 loopback ports: ``fast`` serves it behind :class:`OperationFastPath` (as ``flowserve serve`` does,
 and runs the app's lifespan through it), ``plain`` serves the FastAPI app itself. A pure ASGI
 middleware added to the app records every request that reaches the app, so the tests see which
@@ -31,13 +31,12 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import create_app
-from service.api.fastpath import OperationFastPath, match_operation
-from service.api.routes.operations import ENDPOINTS
+from service.http import create_app
+from service.http.router import OperationFastPath, match_operation
+from service.http.routes.operations import ENDPOINTS
 from service.settings import load_settings
 from tests.server import free_port, metric_value, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 M = "/v1/models"
 KEY = "fast-key"

@@ -14,7 +14,6 @@ import httpx
 
 from tests.server import start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 CONNECTIONS = 200
 ROUNDS = 3

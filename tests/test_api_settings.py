@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.api import create_app
+from service.http import create_app
 from service.settings import Settings, SettingsError, load_settings
 from tests.server import ROOT
 

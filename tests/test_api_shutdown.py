@@ -13,7 +13,6 @@ import numpy as np
 
 from tests.server import ServerProcess, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 
 def test_sigterm_drains_in_flight_requests(model_repo: Path, tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ from tritonclient.utils import InferenceServerException
 
 from tests.server import ServerProcess, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 X = np.array([[0.5, 0.25], [1.0, -0.5], [-0.8, 0.6], [0.0, 0.3], [2.0, 0.1]])
 CTX = np.eye(3)[[0, 1, 2, 0, 1]]

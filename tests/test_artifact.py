@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.artifact import (
+from service.model.artifact import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     ArtifactError,
@@ -20,9 +20,9 @@ from service.artifact import (
     load_artifact,
     save_artifact,
 )
-from service.density import DensityModel
-from service.flows import ARCHITECTURES, flow_spec
-from service.repository import ModelRepository
+from service.model.density import DensityModel
+from service.model.flows import ARCHITECTURES, flow_spec
+from service.model.repository import ModelRepository
 
 ARCHS = sorted(ARCHITECTURES)
 

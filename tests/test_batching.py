@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.batching import (
+from service.serving.batching import (
     BatchingConfig,
     BatchingError,
     ComputeError,
@@ -29,8 +29,8 @@ from service.batching import (
     QueueFull,
     WorkerStopped,
 )
-from service.density import DensityModel
-from service.flows import flow_spec
+from service.model.density import DensityModel
+from service.model.flows import flow_spec
 from tests.tolerance import assert_batch_invariant
 
 POISON = 1234.5  # a first coordinate that makes Instrumented raise

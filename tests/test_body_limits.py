@@ -22,11 +22,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.api.binary import read_npz
-from service.api.errors import Problem
+from service.http.codecs.binary import read_npz
+from service.http.problems import Problem
 from tests.server import ServerProcess, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 NPZ = "application/x-npz"
 LIMIT = 8 << 20

@@ -1,5 +1,5 @@
 """``flowserve models``, ``score`` and ``sample``: real subprocesses, real files, real models and a real
-server (the session's :mod:`tests.fixtures_server`); the in-process and ``--url`` paths give the same
+server (the session's :mod:`tests.conftest`); the in-process and ``--url`` paths give the same
 numbers. Refusals are checked through :func:`service.cli.main` (the same code, without a process
 start each) and once through a subprocess, for the absence of a traceback."""
 
@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from flowserve_client import Client
 
-from service.calibration import Calibration
+from service.model.calibration import Calibration
 from service.cli import main
-from service.inprocess import LocalModel
+from service.serving.inprocess import LocalModel
 from tests.server import ROOT, ServerProcess, free_port
 from tests.tolerance import assert_batch_invariant
 
-pytest_plugins = ["tests.fixtures_server"]
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 
 from service.cli import main
 from service.commands.models import local_card
-from service.repository import ModelRepository
+from service.model.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """``flowserve_client`` (clients/python): every method of :class:`Client` and :class:`AsyncClient` against a real server
-(the session's :mod:`tests.fixtures_server`), typed errors with the server's problem details, the
+(the session's :mod:`tests.conftest`), typed errors with the server's problem details, the
 binary-body path, and the retry policy (the one place with a stand-in transport: a server that
 answers 503 on demand, with ``Retry-After``, and a recorder in place of the sleep)."""
 
@@ -29,11 +29,10 @@ from flowserve_client import (
 from flowserve_client import aio as async_module
 from flowserve_client import client as sync_module
 
-from service.inprocess import LocalModel
+from service.serving.inprocess import LocalModel
 from tests.server import ServerProcess, free_port
 from tests.tolerance import assert_batch_invariant
 
-pytest_plugins = ["tests.fixtures_server"]
 
 X = np.array([[0.5, 0.25], [1.0, -0.5], [-0.8, 0.6], [0.0, 0.3], [4.0, 4.0]])
 CTX = np.eye(3)[[0, 1, 2, 0, 1]]
@@ -290,9 +289,9 @@ def default_like_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Models named and shaped as the default ones (same data, a few seconds of training)."""
     import torch
 
-    from service.default_models import DEFAULT_MODELS
-    from service.train_run import train_and_save
-    from service.training import TrainConfig
+    from service.training.default_models import DEFAULT_MODELS
+    from service.training.run import train_and_save
+    from service.training.fit import TrainConfig
 
     torch.set_num_threads(1)
     repo = tmp_path_factory.mktemp("default-like")

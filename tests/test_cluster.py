@@ -22,7 +22,6 @@ from flowserve_client import Client, NotFound
 
 from deploy.local.cluster import Cluster, rolling_reload, served_version
 
-pytest_plugins = ["tests.fixtures_server"]
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("haproxy") is None,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from service.artifact import LoadedArtifact
-from service.data import dequantize, split
-from service.default_models import DEFAULT_MODELS
-from service.exactness import certify
-from service.repository import ModelRepository
+from service.model.artifact import LoadedArtifact
+from service.training.data import dequantize, split
+from service.training.default_models import DEFAULT_MODELS
+from service.training.exactness import certify
+from service.model.repository import ModelRepository
 from tests.tolerance import assert_close_across_machines
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from service.artifact import load_artifact
-from service.density import DensityModel
-from service.exactness import integral, log_det_errors, round_trip_x, round_trip_z
-from service.flows import ARCHITECTURES, flow_spec
+from service.model.artifact import load_artifact
+from service.model.density import DensityModel
+from service.training.exactness import integral, log_det_errors, round_trip_x, round_trip_z
+from service.model.flows import ARCHITECTURES, flow_spec
 
 ARCHS = sorted(ARCHITECTURES)
 SHIFT = np.array([1.5, -2.0, 0.25])

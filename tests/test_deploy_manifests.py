@@ -29,7 +29,6 @@ import httpx
 import pytest
 import yaml
 
-pytest_plugins = ["tests.fixtures_server"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from service.api.docs import ASSETS_PATH, CONTENT_SECURITY_POLICY, STATIC_DIR
+from service.http.docs import ASSETS_PATH, CONTENT_SECURITY_POLICY, STATIC_DIR
 from tests.server import ROOT, ServerProcess, start_server
 
 DEFAULT_MODELS = ROOT / "models"
@@ -89,7 +89,7 @@ def test_wheel_ships_the_assets(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("flowserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ASSETS + LICENCES:
-        assert f"service/api/static/{name}" in names, name
+        assert f"service/http/static/{name}" in names, name
 
 
 # -- a real browser, offline ----------------------------------------------------------------------------

@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from service import operations
-from service.artifact import LoadedArtifact
-from service.batching import BatchingConfig, DeviceWorker, Pass, QueueFull, WontFinish
-from service.density import DensityModel
-from service.registry import ModelRegistry, ServedModel
-from service.repository import ModelRepository
+from service.serving import operations
+from service.model.artifact import LoadedArtifact
+from service.serving.batching import BatchingConfig, DeviceWorker, Pass, QueueFull, WontFinish
+from service.model.density import DensityModel
+from service.serving.registry import ModelRegistry, ServedModel
+from service.model.repository import ModelRepository
 from tests.server import start_server
 from tests.test_batching import FEATURES, Instrumented, Recorder, assert_same, direct, make_model, run, spin, start_held
 
-pytest_plugins = ["tests.fixtures_server"]
 
 
 class Recording(DensityModel):

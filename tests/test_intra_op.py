@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from service.intra_op import one_intra_op_thread
-from service.registry import ModelRegistry
-from service.repository import ModelRepository
+from service.accel.threads import one_intra_op_thread
+from service.serving.registry import ModelRegistry
+from service.model.repository import ModelRepository
 from tests.server import ROOT
 
 

@@ -14,9 +14,9 @@ from zuko.transforms import (
     PermutationTransform,
 )
 
-from service.artifact import load_artifact
-from service.flows import ARCHITECTURES, build_flow, flow_spec
-from service.inversion import inverse_and_ladj
+from service.model.artifact import load_artifact
+from service.model.flows import ARCHITECTURES, build_flow, flow_spec
+from service.model.inversion import inverse_and_ladj
 
 ARCHS = sorted(ARCHITECTURES)
 FEATURES, CONTEXT, ROWS, LAYERS = 5, 3, 64, 3

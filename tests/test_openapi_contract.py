@@ -33,8 +33,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from service.api.routes.operations import PARAMS
-from service.artifact import NAME_PATTERN
+from service.http.routes.operations import PARAMS
+from service.model.artifact import NAME_PATTERN
 from tests.server import ROOT, ServerProcess, running_servers
 
 DEFAULT_MODELS = ROOT / "models"

@@ -1,7 +1,7 @@
 """A hot reload gives its memory back: the server's RSS stays flat over many admin reloads.
 
 Before the fix every reload of a traced model kept its TorchScript graphs for good (``torch.jit.trace``
-registers them in torch's process-wide compilation unit; see :mod:`service.tracing`). The test
+registers them in torch's process-wide compilation unit; see :mod:`service.accel.torchscript`). The test
 reloads ``moons`` (two versions, both traced) over real HTTP on a server with an admin key and reads
 the server process's ``VmRSS`` from ``/proc``. The figures for the 200-reload case come from
 ``python -m bench.reload_memory --reloads 200``.
@@ -16,10 +16,9 @@ from typing import Iterator
 import pytest
 
 from bench.reload_memory import rss_mib
-from service.tracing import trace_passes
+from service.accel.torchscript import trace_passes
 from tests.server import ServerProcess, start_server
 
-pytest_plugins = ["tests.fixtures_server"]
 
 ADMIN_KEY = "admin-key-for-reload-memory"
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -66,13 +65,13 @@ def test_a_trace_registers_nothing_in_torchs_global_compilation_unit() -> None:
     """The leak's cause: ``torch.jit.trace`` adds a class per traced module to ``_python_cu`` for good."""
     import torch
 
-    from service.density import DensityModel
-    from service.flows import flow_spec
+    from service.model.density import DensityModel
+    from service.model.flows import flow_spec
 
     torch.manual_seed(0)
     model = DensityModel(flow_spec("nsf", 2, 0, transforms=2, hidden_features=[8, 8]), torch.zeros(2), torch.ones(2))
     model.eval().requires_grad_(False)
     cu = torch.jit._state._python_cu
-    assert cu.get_class("__torch__.service.tracing._Pass") is None
+    assert cu.get_class("__torch__.service.accel.torchscript._Pass") is None
     trace_passes(model)
-    assert cu.get_class("__torch__.service.tracing._Pass") is None
+    assert cu.get_class("__torch__.service.accel.torchscript._Pass") is None

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.density import DensityModel
-from service.flows import ARCHITECTURES, flow_spec
-from service.tracing import TraceMismatch, trace_passes, try_trace
+from service.model.density import DensityModel
+from service.model.flows import ARCHITECTURES, flow_spec
+from service.accel.torchscript import TraceMismatch, trace_passes, try_trace
 
 ARCHS = sorted(ARCHITECTURES)
 

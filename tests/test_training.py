@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from service.artifact import load_artifact
-from service.data import (
+from service.model.artifact import load_artifact
+from service.training.data import (
     MAX_CALIBRATION_ROWS,
     DataError,
     Dataset,
@@ -23,11 +23,11 @@ from service.data import (
     split,
     validate,
 )
-from service.density import DensityModel
-from service.exactness import certify, gaussian_log_prob
-from service.flows import ARCHITECTURES
-from service.train_run import OOD_NOTE, train_and_save
-from service.training import TrainConfig, fit
+from service.model.density import DensityModel
+from service.training.exactness import certify, gaussian_log_prob
+from service.model.flows import ARCHITECTURES
+from service.training.run import OOD_NOTE, train_and_save
+from service.training.fit import TrainConfig, fit
 
 
 def _csv(path: Path, header: str, rows: list[str]) -> Path:

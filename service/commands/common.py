@@ -3,7 +3,7 @@
 - the *source* of a model: a running server (``--url``, through :class:`flowserve_client.Client`, the
   separate ``flowserve-client`` distribution of ``clients/python``, imported only there) or
   the model repository loaded in this process (``--model-dir``, through
-  :class:`service.inprocess.LocalModel`); both expose the same small interface, :class:`Source`;
+  :class:`service.serving.inprocess.LocalModel`); both expose the same small interface, :class:`Source`;
 - reading rows from ``.csv`` / ``.npy`` / ``.npz`` files by the model's feature and context names,
   and writing named columns to ``.csv`` (or stdout), structured ``.npy``, or ``.npz``;
 - one-line errors with exit status 2 (never a traceback) and a progress bar on stderr.
@@ -80,7 +80,7 @@ def user_message(e: Exception, url: str | None = None) -> str | None:
     """One line for an error the user caused (bad input, unknown model, server refusal); else ``None``."""
     import httpx
 
-    artifact = sys.modules.get("service.artifact")  # loaded only where a model is loaded in process
+    artifact = sys.modules.get("service.model.artifact")  # loaded only where a model is loaded in process
     errors = sys.modules.get("flowserve_client.errors")  # loaded only where --url is used
     if errors is not None and isinstance(e, errors.FlowserveError):
         where = "; ".join(f"{'.'.join(map(str, err.get('loc', [])))}: {err.get('msg', '')}" for err in e.errors[:3])
@@ -161,8 +161,8 @@ def open_source(args: argparse.Namespace) -> Iterator[Source]:
         with client_for(args) as client:
             yield RemoteModel(client, args.model, args.version)
         return
-    from ..inprocess import LocalModel
-    from ..repository import ModelRepository
+    from service.serving.inprocess import LocalModel
+    from service.model.repository import ModelRepository
 
     repo = ModelRepository(args.model_dir)
     if not repo.root.is_dir():

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import CommandError, add_source_arguments, client_for, guarded
+from service.commands.common import CommandError, add_source_arguments, client_for, guarded
 
 __all__ = ["add_parser", "local_card", "local_models", "run"]
 
@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 # -- in process: from the manifests ------------------------------------------------------------------
 def local_models(model_dir: Path) -> list[dict[str, Any]]:
     """The list entry (as ``GET /v1/models`` has it) of every model in the repository ``model_dir``."""
-    from ..repository import ModelRepository
+    from service.model.repository import ModelRepository
 
     repo = ModelRepository(model_dir)
     if not repo.root.is_dir():
@@ -53,9 +53,9 @@ def local_models(model_dir: Path) -> list[dict[str, Any]]:
 
 def local_card(model_dir: Path, name: str, version: int | None) -> dict[str, Any]:
     """The model card of ``name`` at ``version`` (latest when ``None``), from its manifest."""
-    from ..artifact import read_manifest
-    from ..calibration import Calibration
-    from ..repository import ModelRepository
+    from service.model.artifact import read_manifest
+    from service.model.calibration import Calibration
+    from service.model.repository import ModelRepository
 
     repo = ModelRepository(model_dir)
     card = _entry(repo, name, version)
@@ -80,7 +80,7 @@ def local_card(model_dir: Path, name: str, version: int | None) -> dict[str, Any
 
 
 def _entry(repo: Any, name: str, version: int | None) -> dict[str, Any]:
-    from ..artifact import read_manifest
+    from service.model.artifact import read_manifest
 
     m = read_manifest(repo.path(name, version))
     return {"name": m.name, "version": m.version, "versions": repo.versions(name), "features": m.features,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (
+from service.commands.common import (
     CommandError,
     add_source_arguments,
     chunks,

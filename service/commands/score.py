@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (
+from service.commands.common import (
     EPILOG_FORMATS,
     CommandError,
     add_source_arguments,

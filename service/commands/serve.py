@@ -9,10 +9,10 @@ closed at once (their clients reconnect elsewhere) and every answer from then on
 listener closes, requests in flight and everything the worker accepted are answered, and the
 process exits 0. A second signal stops waiting.
 
-Connections (service/api/connections.py): a request head must arrive within ``--header-timeout-s``,
+Connections (service/http/connections.py): a request head must arrive within ``--header-timeout-s``,
 its body within ``--body-timeout-s``, idle kept-alive connections close after
 ``--timeout-keep-alive-s``, and connections past ``--max-connections`` are answered 503 with
-``Retry-After``. Overload (service/api/shedding.py): an operation whose estimated wait (event-loop
+``Retry-After``. Overload (service/http/shedding.py): an operation whose estimated wait (event-loop
 lag plus the worker's queue over its throughput) exceeds ``--shed-wait-fraction`` of its deadline is
 answered 503 with ``Retry-After`` before its body is read. uvicorn runs its httptools protocol
 (uvicorn[standard]), extended; h11 is not used.
@@ -77,7 +77,7 @@ def _make_server(config: Any, on_signal: Callable[[], None], drain_delay_s: floa
     class GracefulServer(uvicorn.Server):
         """uvicorn's server, with readiness turned off first and an optional delay before closing.
 
-        With ``drain`` (a :class:`~service.api.connections.DrainSignal`) the first signal also sets
+        With ``drain`` (a :class:`~service.http.connections.DrainSignal`) the first signal also sets
         it and, on the event loop (never inside the signal handler, which may interrupt the loop
         anywhere), closes every idle connection and marks the others ``Connection: close``.
         """
@@ -121,7 +121,7 @@ def _make_server(config: Any, on_signal: Callable[[], None], drain_delay_s: floa
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..settings import SettingsError, load_settings
+    from service.settings import SettingsError, load_settings
 
     try:
         settings = load_settings(**{field: getattr(args, field, None) for field in OPTIONS})
@@ -131,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from ..api import create_app
-    from ..api.connections import (ConnectionLimits, DrainSignal, default_max_connections, protocol_class,
+    from service.http import create_app
+    from service.http.connections import (ConnectionLimits, DrainSignal, default_max_connections, protocol_class,
                                    raise_open_file_limit)
-    from ..api.fastpath import OperationFastPath
-    from ..api.shedding import LoadShedding
+    from service.http.router import OperationFastPath
+    from service.http.shedding import LoadShedding
 
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -146,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowserve serve: {e}", file=sys.stderr)
         return 2
     state = app.state.flowserve
-    # uvicorn serves the app behind the operations' fast path (service/api/fastpath.py): the five
+    # uvicorn serves the app behind the operations' fast path (service/http/router.py): the five
     # operation endpoints skip FastAPI's middleware, routing and dependency solving; the rest is the app's.
-    # In front of both, load shedding (service/api/shedding.py) refuses operations the deadline cannot wait for.
+    # In front of both, load shedding (service/http/shedding.py) refuses operations the deadline cannot wait for.
     served = LoadShedding(OperationFastPath(app), state, settings.shed_wait_fraction)
-    # uvicorn's httptools protocol with read timeouts, a connection cap and drain (service/api/connections.py);
+    # uvicorn's httptools protocol with read timeouts, a connection cap and drain (service/http/connections.py);
     # its own limit_concurrency is not used (it refuses established connections too, without Retry-After).
     raise_open_file_limit()  # towards the hard limit, before the default cap is derived from it
     limits = ConnectionLimits(

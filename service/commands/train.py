@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..artifact import MANIFEST_FILE
-from ..data import load_dataset, parse_columns
-from ..flows import ARCHITECTURES
-from ..train_run import train_and_save
-from ..training import TrainConfig
-from .common import guarded, progress
+from service.model.artifact import MANIFEST_FILE
+from service.training.data import load_dataset, parse_columns
+from service.model.flows import ARCHITECTURES
+from service.training.run import train_and_save
+from service.training.fit import TrainConfig
+from service.commands.common import guarded, progress
 
 __all__ = ["add_parser", "run"]
 

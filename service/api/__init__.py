@@ -1,5 +1,0 @@
-"""The HTTP layer: parsing and encoding only (FastAPI + orjson + numpy); see :func:`create_app`."""
-
-from .app import create_app
-
-__all__ = ["create_app"]

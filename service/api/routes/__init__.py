@@ -1,5 +1,0 @@
-"""The v1 routes, one module per area: health and metrics, the model catalogue, the operations."""
-
-from . import health, models, operations
-
-__all__ = ["health", "models", "operations"]

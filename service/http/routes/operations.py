@@ -1,0 +1,360 @@
+"""The five operations, under ``/v1/models/{name}`` and ``/v1/models/{name}/versions/{version}``.
+
+Each handler does the same few steps: look the model up (404 / 503), read and parse the body
+within the limits (415 / 413 / 400), validate the scalar fields with the operation's ``*Params``
+model (422) and the arrays with numpy (:mod:`service.http.codecs.rows`: 400 / 413 / 422), call the
+operation in :mod:`service.serving.operations` with a deadline of ``request_timeout_s`` from the start of
+the request, and encode the numpy answer as the client's ``Accept`` asks (406 when it accepts
+nothing we write, checked before any work): JSON with orjson, or ``.npy`` / ``.npz``
+(:mod:`service.http.codecs.binary`). Bodies may be JSON, ``.npy`` or ``.npz`` (scalar fields then come as
+query parameters). Every failure is a problem+json answer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from service.serving import operations
+from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
+from service.serving.registry import ServedModel
+from service.http.codecs import binary
+from service.http.codecs.bodies import JSON, ParsedBody, parse_body
+from service.http.problems import Problem, field_error
+from service.http.codecs.negotiation import negotiate
+from service.http.responses import NumpyJSONResponse
+from service.http.codecs.rows import describe_names, rows_array
+from service.http.schemas import (
+    EncodeParams,
+    ForwardParams,
+    ForwardResponse,
+    InverseResponse,
+    LogProbResponse,
+    REQUEST_MODELS,
+    SampleParams,
+    SampleResponse,
+    ScoreParams,
+    ScoreResponse,
+    request_examples,
+)
+from service.http.state import ServiceState, get_state
+
+__all__ = ["ENDPOINTS", "Endpoint", "handle", "router"]
+
+router = APIRouter(prefix="/v1/models", tags=["operations"])
+
+NAME = Path(..., description="The model's name.", examples=["moons"])
+VERSION = Path(..., description="An integer version of the model.", examples=["1"])
+
+Runner = Callable[[ServiceState, ServedModel, ParsedBody, float], Awaitable[tuple[dict[str, Any], int]]]
+
+
+# -- shared steps ---------------------------------------------------------------------------------
+def _params(parsed: ParsedBody, model: type[BaseModel], arrays: tuple[str, ...]) -> Any:
+    """Validate the non-array fields strictly (lax for query parameters); unknown fields are 422."""
+    fields = {k: v for k, v in parsed.fields.items() if k not in arrays}
+    try:
+        return model.model_validate(fields, strict=not parsed.lax)
+    except ValidationError as e:
+        allowed = sorted(set(model.model_fields) | set(arrays))
+        errors = []
+        for err in e.errors():
+            key = err["loc"][0] if err["loc"] else None
+            # with a binary or empty body the scalar fields (and any missing one) belong in the query
+            from_query = key in parsed.query_fields or (parsed.lax and key not in parsed.fields)
+            loc = ("query" if from_query else "body", *err["loc"])
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown field; this operation takes {allowed}"
+            errors.append(field_error(loc, msg))
+        first = errors[0]
+        raise Problem(422, "invalid-field", f"{'.'.join(map(str, first['loc'][1:]))}: {first['msg']}",
+                      errors=errors) from None
+
+
+def _main_rows(parsed: ParsedBody, served: ServedModel, field: str, max_rows: int) -> np.ndarray:
+    value = parsed.array if parsed.array is not None else parsed.fields.get(field)
+    if value is None:
+        raise Problem(422, "invalid-field", f"{field} is required: a list of rows of {served.features} numbers "
+                      f"{describe_names(served.feature_names)}",
+                      errors=[field_error(("body", field), "field required")])
+    return rows_array(value, served.feature_names, field, max_rows=max_rows)
+
+
+def _context(parsed: ParsedBody, served: ServedModel, rows: int, *, broadcast: bool = False) -> np.ndarray | None:
+    """Context rows for ``rows`` data rows (one row is also accepted when ``broadcast``)."""
+    value = parsed.fields.get("context")
+    if not served.context_features:
+        if value is not None:
+            raise Problem(400, "invalid-input", f"model {served.name!r} is not conditional and takes no context",
+                          errors=[field_error(("body", "context"), "not accepted by this model; remove it")])
+        return None
+    names = served.context_names
+    if value is None:
+        hint = ""
+        if parsed.media_type == binary.NPY:
+            hint = ("; an .npy body holds one array: send an .npz body (Content-Type: application/x-npz) "
+                    "with the arrays 'inputs' (or 'latents') and 'context'")
+        raise Problem(400, "invalid-input",
+                      f"model {served.name!r} is conditional: context with {len(names)} values "
+                      f"{describe_names(names)} is required" + ("" if broadcast else " for every row") + hint,
+                      errors=[field_error(("body", "context"), "required by this model")])
+    arr = rows_array(value, names, "context", single_row_ok=broadcast)
+    if arr.shape[0] != rows and not (broadcast and arr.shape[0] == 1):
+        expected = f"1 or {rows}" if broadcast else str(rows)
+        raise Problem(400, "invalid-input", f"context has {arr.shape[0]} rows; expected {expected}",
+                      errors=[field_error(("body", "context"), f"expected {expected} rows, got {arr.shape[0]}")])
+    return arr
+
+
+def _answer(served: ServedModel, **arrays: Any) -> dict[str, Any]:
+    return {"model": served.name, "version": served.version, **arrays}
+
+
+# -- the operations -------------------------------------------------------------------------------
+ENCODE_ARRAYS = ("inputs", "context")
+
+
+async def _log_prob(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    _params(parsed, EncodeParams, ENCODE_ARRAYS)
+    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
+    c = _context(parsed, served, x.shape[0])
+    out = await operations.log_prob(state.worker, served, x, c, deadline)
+    return _answer(served, log_prob=out["log_prob"]), x.shape[0]
+
+
+async def _inverse(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    _params(parsed, EncodeParams, ENCODE_ARRAYS)
+    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
+    c = _context(parsed, served, x.shape[0])
+    out = await operations.inverse(state.worker, served, x, c, deadline)
+    return _answer(served, **out), x.shape[0]
+
+
+async def _forward(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    _params(parsed, ForwardParams, ("latents", "context"))
+    z = _main_rows(parsed, served, "latents", state.settings.max_rows)
+    c = _context(parsed, served, z.shape[0])
+    out = await operations.forward(state.worker, served, z, c, deadline)
+    return _answer(served, **out), z.shape[0]
+
+
+async def _sample(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    if parsed.array is not None:
+        raise Problem(415, "unsupported-media-type",
+                      "sample takes no .npy array: give n, seed, temperature, return_log_prob and return_latents as "
+                      "query parameters with an empty body (e.g. POST .../sample?n=1000&seed=3), or a JSON body; "
+                      "context rows may come as the 'context' array of an .npz body",
+                      headers={"Accept-Post": f"{JSON}, {binary.NPZ}"})
+    p: SampleParams = _params(parsed, SampleParams, ("context",))
+    limit = state.settings.max_samples
+    if p.n > limit:
+        where = "query" if "n" in parsed.query_fields else "body"
+        raise Problem(413, "content-too-large", f"n is {p.n}; this server draws at most {limit} samples per request",
+                      errors=[field_error((where, "n"), f"at most {limit}")])
+    c = _context(parsed, served, p.n, broadcast=True)
+    out = await operations.sample(state.worker, served, p.n, p.seed, p.temperature, c, deadline)
+    answer = _answer(served, samples=out["samples"], seed=out["seed"])
+    if p.return_log_prob:
+        answer["log_prob"] = out["log_prob"]
+    if p.return_latents:
+        answer["latents"] = out["latents"]
+    return answer, p.n
+
+
+async def _score(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+    p: ScoreParams = _params(parsed, ScoreParams, ENCODE_ARRAYS)
+    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
+    c = _context(parsed, served, x.shape[0])
+    out = await operations.score(state.worker, served, x, c, p.alpha, deadline)
+    return _answer(served, **out), x.shape[0]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One operation: its path suffix, how it runs, and what documents it."""
+
+    name: str
+    run: Runner
+    response: type[BaseModel]
+    summary: str
+    description: str
+
+    @property
+    def main(self) -> str:
+        """The answer's main array: what an ``application/x-npy`` answer holds."""
+        return binary.MAIN_FIELD[self.name]
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("log_prob", _log_prob, LogProbResponse, "Log-density of rows",
+             "`log p(x)` of each row (natural log, in the data's own units)."),
+    Endpoint("inverse", _inverse, InverseResponse, "Map data to latents",
+             "`z = f⁻¹(x)` with `log_det`, `base_log_prob` and `log_prob == base_log_prob + log_det`."),
+    Endpoint("forward", _forward, ForwardResponse, "Map latents to data",
+             "`x = f(z)` and the log-density of each output."),
+    Endpoint("sample", _sample, SampleResponse, "Draw samples",
+             "`n` rows from the model; the same `seed` gives the same rows whatever the server is doing."),
+    Endpoint("score", _score, ScoreResponse, "Anomaly scores",
+             "`score = -log_prob` and the conformal p-value of each row against the model's held-out calibration "
+             "log-densities; `is_anomaly = p_value <= alpha`."),
+)
+
+
+# -- error mapping and the handler ----------------------------------------------------------------
+def _problem(exc: Exception, state: ServiceState) -> Problem | None:
+    if isinstance(exc, QueueFull):
+        why = f": {exc.reason}" if exc.reason else ""
+        return Problem.unavailable("queue-full", f"the server's queue is full ({state.settings.max_queue_rows} rows)"
+                                   f"{why}; retry later or send fewer rows", exc.retry_after)
+    if isinstance(exc, WontFinish):
+        return Problem(413, "wont-finish", f"{exc}; split the request into smaller ones, or raise "
+                       f"FLOWSERVE_REQUEST_TIMEOUT_S (now {state.settings.request_timeout_s:g} s)")
+    if isinstance(exc, WorkerStopped):
+        return Problem.unavailable("draining", f"the server is shutting down and runs no new work: {exc}", 1.0)
+    if isinstance(exc, DeadlineExceeded):
+        return Problem(504, "deadline-exceeded",
+                       f"the request's deadline ({state.settings.request_timeout_s:g} s) passed before its rows "
+                       "were computed; they were not computed")
+    if isinstance(exc, ComputeError):
+        return Problem(500, "compute-failed", f"the model failed to compute these rows: {exc}")
+    if isinstance(exc, operations.NoCalibration):
+        return Problem(409, "no-calibration", str(exc))
+    if isinstance(exc, ValueError):  # OperationError, or the worker's own shape check
+        return Problem(400, "invalid-input", str(exc))
+    return None
+
+
+#: what an operation answers, in the order that breaks ties in ``Accept`` (JSON by default)
+ANSWER_TYPES = (JSON, binary.NPY, binary.NPZ)
+
+
+def _encode(payload: dict[str, Any], media: str, endpoint: Endpoint) -> Response:
+    headers = {"Vary": "Accept", "Flowserve-Model": str(payload["model"]),
+               "Flowserve-Model-Version": str(payload["version"])}
+    if "seed" in payload:
+        headers["Flowserve-Seed"] = str(payload["seed"])
+    if media == JSON:
+        return NumpyJSONResponse(payload, headers=headers)
+    return binary.encode(payload, media, endpoint.main, headers)
+
+
+async def handle(request: Request, name: str, version: str | None, endpoint: Endpoint) -> Response:
+    """Answer ``endpoint`` on model ``name`` (its ``version``, or the latest when ``None``).
+
+    Raises :class:`Problem` for every failure the client should hear of; anything else is a bug
+    (the app's handlers turn it into a 500). Called by the routes below and, without FastAPI's
+    routing, by :class:`service.http.router.OperationFastPath`.
+    """
+    state = get_state(request)
+    deadline = time.monotonic() + state.settings.request_timeout_s
+    with state.metrics.track(endpoint.name) as record:
+        try:
+            served = state.lookup(name, version)
+            record.model, record.version = served.name, str(served.version)
+            media = negotiate(request.headers.get("accept"), ANSWER_TYPES)
+            parsed = await parse_body(request, state.settings.max_body_bytes)
+            payload, rows = await endpoint.run(state, served, parsed, deadline)
+        except Problem as p:
+            record.status = p.status
+            raise
+        except Exception as exc:
+            problem = _problem(exc, state)
+            if problem is None:
+                raise
+            record.status = problem.status
+            raise problem from exc
+        response = _encode(payload, media, endpoint)
+        record.status, record.rows = 200, rows
+        return response
+
+
+def _problem_responses() -> dict[int | str, dict[str, Any]]:
+    ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    described = {
+        400: "Malformed JSON, non-finite numbers, ragged rows, wrong feature count, unknown feature names, bad context.",
+        401: "No API key, where the server sets FLOWSERVE_API_KEYS (WWW-Authenticate: Bearer).",
+        403: "Not one of the server's API keys.",
+        404: "Unknown model or version.",
+        409: "score: the model version has no calibration set.",
+        413: "Body over max_body_bytes, more rows than max_rows, or n over max_samples.",
+        415: "Unsupported Content-Type.",
+        422: "Invalid fields: n < 1, temperature <= 0, alpha outside (0, 1), wrong types, unknown fields.",
+        503: "Queue full, not ready or shutting down; see Retry-After.",
+        504: "The deadline passed before the request's batch ran.",
+    }
+    return {status: {"description": text, "content": ref} for status, text in described.items()}
+
+
+#: the scalar fields of each operation (query parameters with a binary or empty body)
+PARAMS: dict[str, type[BaseModel]] = {"log_prob": EncodeParams, "inverse": EncodeParams, "forward": ForwardParams,
+                                      "sample": SampleParams, "score": ScoreParams}
+_BINARY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _query_parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
+    schema = PARAMS[endpoint.name].model_json_schema()
+    required = set(schema.get("required", ()))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        description = prop.pop("description", "")
+        out.append({"name": name, "in": "query", "required": False, "schema": prop,
+                    "description": f"With a binary or empty body{' (then required)' if name in required else ''}: "
+                                   f"{description}"})
+    return out
+
+
+def _binary_bodies(endpoint: Endpoint) -> dict[str, Any]:
+    if endpoint.name == "sample":
+        return {binary.NPZ: {**_BINARY_SCHEMA, "description": "an .npz with the array 'context'"}}
+    main = "latents" if endpoint.name == "forward" else "inputs"
+    return {binary.NPY: {**_BINARY_SCHEMA, "description": f"the {main} rows as one 2-D .npy array"},
+            binary.NPZ: {**_BINARY_SCHEMA, "description": f"an .npz with the arrays {main!r} and 'context'"}}
+
+
+def _register(endpoint: Endpoint) -> None:
+    extra = {"requestBody": {"required": endpoint.name != "sample", "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{REQUEST_MODELS[endpoint.name].__name__}"},
+        "examples": request_examples(endpoint.name),
+    }, **_binary_bodies(endpoint)}}, "parameters": _query_parameters(endpoint)}
+    binary_answers = {binary.NPY: {**_BINARY_SCHEMA, "description": f"{endpoint.main} as .npy"},
+                      binary.NPZ: {**_BINARY_SCHEMA, "description": "every field as an .npz member"}}
+    responses = {200: {"model": endpoint.response, "content": binary_answers},
+                 406: {"description": "The Accept header accepts none of application/json, application/x-npy, "
+                                      "application/x-npz.",
+                       "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                 **_problem_responses()}
+    if endpoint.name != "score":
+        responses.pop(409)
+    description = endpoint.description + (
+        "\n\nNon-finite numbers in the answer (e.g. `-inf` log-densities far outside the support) are written "
+        "as `null`, so the answer is strict JSON (binary answers keep them as they are)."
+        f"\n\n`Accept: application/x-npy` answers `{endpoint.main}` as `.npy`; `Accept: application/x-npz` the whole "
+        "answer as `.npz`."
+    )
+
+    async def latest(request: Request, name: str = NAME) -> Response:
+        return await handle(request, name, None, endpoint)
+
+    async def versioned(request: Request, name: str = NAME, version: str = VERSION) -> Response:
+        return await handle(request, name, version, endpoint)
+
+    router.add_api_route(f"/{{name}}/{endpoint.name}", latest, methods=["POST"], summary=endpoint.summary,
+                         description=description + "\n\nAnswered by the model's latest version.",
+                         operation_id=endpoint.name, responses=responses, openapi_extra=extra,
+                         response_model=None)
+    router.add_api_route(f"/{{name}}/versions/{{version}}/{endpoint.name}", versioned, methods=["POST"],
+                         summary=endpoint.summary + " (one version)", description=description,
+                         operation_id=f"{endpoint.name}_version", responses=responses, openapi_extra=extra,
+                         response_model=None)
+
+
+for _endpoint in ENDPOINTS:
+    _register(_endpoint)

@@ -1,0 +1,268 @@
+"""The model artifact on disk: ``<repo>/<name>/<version>/model.json`` + ``weights.safetensors``.
+
+Loading never unpickles: the module is rebuilt from the manifest's allow-listed flow spec
+(:mod:`service.model.flows`) and its tensors are read with safetensors, checked against the module's own
+names, shapes and the manifest's sha256 before they are loaded. Every refusal is an
+:class:`ArtifactError` that says which file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from service.model.calibration import Calibration
+from service.model.density import DensityModel
+from service.model.flows import FlowSpecError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "ArtifactError",
+    "LoadedArtifact",
+    "Manifest",
+    "check_name",
+    "load_artifact",
+    "save_artifact",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_CALIBRATION = 10_000
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ArtifactError(Exception):
+    """An artifact is missing, malformed or inconsistent; the message names the file and the fault."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.reason = message
+
+
+def check_name(name: str) -> str:
+    """Accept a model name only if it is a plain folder name: letters, digits, ``.``, ``_``, ``-``."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and no '..'"
+        )
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Preprocessing(_Strict):
+    """Per-feature standardisation ``(x - shift) / scale``, folded into the density."""
+
+    shift: list[float]
+    scale: list[float]
+    dequantized: bool = False
+
+    @field_validator("scale")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not all(s > 0 for s in v):
+            raise ValueError("every scale must be > 0")
+        return v
+
+
+class WeightsInfo(_Strict):
+    file: Literal["weights.safetensors"] = WEIGHTS_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(_Strict):
+    """Everything needed to rebuild and to explain a model (the model card's source)."""
+
+    format_version: int
+    name: str
+    version: int = Field(ge=1)
+    created_at: str
+    description: str = ""
+    flow: dict[str, Any]
+    dtype: Literal["float32", "float64"] = "float32"
+    feature_names: list[str]
+    context_names: list[str] = []
+    preprocessing: Preprocessing
+    base: dict[str, Any] = {"distribution": "DiagNormal", "loc": 0.0, "scale": 1.0}
+    training: dict[str, Any] = {}
+    calibration: list[float] = Field(default_factory=list, max_length=MAX_CALIBRATION)
+    anomaly_alpha: float = Field(default=0.01, gt=0.0, lt=1.0)
+    exactness: dict[str, Any] = {}
+    notes: list[str] = []
+    weights: WeightsInfo
+
+    @field_validator("format_version")
+    @classmethod
+    def _format(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"format_version {v} is not supported (this flowserve reads {FORMAT_VERSION})")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        kwargs = self.flow.get("kwargs")
+        if not isinstance(kwargs, dict):
+            raise ValueError("flow.kwargs must be an object")
+        d, c = kwargs.get("features"), kwargs.get("context", 0)
+        if d != len(self.feature_names):
+            raise ValueError(f"flow has {d} features but feature_names has {len(self.feature_names)}")
+        if c != len(self.context_names):
+            raise ValueError(f"flow has {c} context features but context_names has {len(self.context_names)}")
+        if len(set(self.feature_names)) != len(self.feature_names):
+            raise ValueError("feature_names must be unique")
+        if len(self.preprocessing.shift) != d or len(self.preprocessing.scale) != d:
+            raise ValueError(f"preprocessing.shift and .scale must each have {d} values")
+        return self
+
+    @property
+    def features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def context_features(self) -> int:
+        return len(self.context_names)
+
+
+class LoadedArtifact:
+    """A verified model read from disk: its manifest, its module (eval mode) and its calibration."""
+
+    def __init__(self, path: Path, manifest: Manifest, model: DensityModel) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.model = model
+        self.calibration = Calibration.from_values(manifest.calibration) if manifest.calibration else None
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_model(manifest: Manifest) -> DensityModel:
+    """The (untrained) module a manifest describes, in its dtype."""
+    dtype = DTYPES[manifest.dtype]
+    p = manifest.preprocessing
+    shift = torch.tensor(p.shift, dtype=torch.float64)
+    scale = torch.tensor(p.scale, dtype=torch.float64)
+    return DensityModel(manifest.flow, shift, scale, dtype=dtype)
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    """Parse and validate ``model.json`` in ``version_dir``."""
+    path = version_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(path, "missing manifest")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(path, f"manifest is not valid JSON: {e}") from None
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(root)'}: {err['msg']}" for err in e.errors())
+        raise ArtifactError(path, f"bad manifest: {problems}") from None
+    if version_dir.name != str(manifest.version):
+        raise ArtifactError(path, f"manifest says version {manifest.version} but lies in folder {version_dir.name!r}")
+    if version_dir.parent.name != manifest.name:
+        raise ArtifactError(path, f"manifest says name {manifest.name!r} but lies in folder {version_dir.parent.name!r}")
+    return manifest
+
+
+def load_artifact(version_dir: Path | str, device: torch.device | str = "cpu") -> LoadedArtifact:
+    """Load and verify one model version; refuse anything that does not match its manifest."""
+    version_dir = Path(version_dir)
+    manifest = read_manifest(version_dir)
+    try:
+        model = build_model(manifest)
+    except (FlowSpecError, ValueError, TypeError) as e:
+        raise ArtifactError(version_dir / MANIFEST_FILE, f"bad flow: {e}") from None
+
+    weights = version_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(weights, "missing weights file")
+    digest = _sha256(weights)
+    if digest != manifest.weights.sha256:
+        raise ArtifactError(weights, f"sha256 {digest} does not match the manifest's {manifest.weights.sha256}")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(weights, f"not a readable safetensors file: {e}") from None
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(weights, f"tensor names do not fit the flow: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, ref in expected.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ArtifactError(weights, f"tensor {key!r} has shape {tuple(got.shape)}, the flow needs {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise ArtifactError(weights, f"tensor {key!r} has dtype {got.dtype}, the manifest says {ref.dtype}")
+    model.load_state_dict(tensors, strict=True)
+    model.eval().requires_grad_(False)
+    return LoadedArtifact(version_dir, manifest, model.to(device))
+
+
+def save_artifact(root: Path | str, manifest_fields: dict[str, Any], model: DensityModel) -> Path:
+    """Write the next version of ``manifest_fields['name']`` under ``root``; return its folder.
+
+    The version folder is written under a temporary name and renamed into place, so a reader never
+    sees a half-written version.
+    """
+    name = check_name(manifest_fields["name"])
+    model_dir = Path(root) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    version = max(existing, default=0) + 1
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    fields = {
+        "format_version": FORMAT_VERSION,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **manifest_fields,
+        "version": version,
+        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE)},
+    }
+    manifest = Manifest.model_validate(fields)
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(), indent=1) + "\n", encoding="utf-8")
+    final = model_dir / str(version)
+    os.rename(tmp, final)
+    return final

@@ -1,0 +1,124 @@
+"""A model from the repository, run in this process: what the CLI uses when no ``--url`` is given.
+
+:class:`LocalModel` answers the operations of API.md on numpy rows through the server's own code
+without its event loop or worker thread: one :func:`service.serving.batching.compute.run_pass` per call
+(the torch call the device worker makes for a batch), the latents of
+:meth:`DensityModel.draw_latents` for ``sample``, and :func:`service.serving.operations.anomaly_scores`
+for ``score``. So it gives the server's numbers; the caller chooses the chunks of rows (and shows
+progress over them). Results are float64 arrays, as the client returns them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.model.artifact import LoadedArtifact
+from service.serving.batching import Pass
+from service.serving.batching.compute import run_pass
+from service.serving.batching.jobs import unpack
+from service.serving.operations import anomaly_scores
+from service.serving.registry import ModelKey, ServedModel
+from service.model.repository import ModelRepository
+
+__all__ = ["LocalModel"]
+
+
+class LocalModel:
+    """One loaded model version and its operations on numpy rows ``(B, D)`` (context ``(B, C)``)."""
+
+    def __init__(self, artifact: LoadedArtifact) -> None:
+        self.served = ServedModel(artifact, ModelKey(artifact.name, artifact.version, 0))
+
+    @classmethod
+    def load(cls, model_dir: Path | str, name: str, version: int | None = None,
+             device: torch.device | str = "cpu") -> "LocalModel":
+        """Load and verify ``name`` (its latest version unless ``version``) from the repository ``model_dir``."""
+        return cls(ModelRepository(model_dir).load(name, version, device=device))
+
+    # -- metadata ---------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.served.name
+
+    @property
+    def version(self) -> int:
+        return self.served.version
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.served.feature_names)
+
+    @property
+    def context_names(self) -> list[str]:
+        return list(self.served.context_names)
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _rows(self, rows: np.ndarray, width: int, what: str) -> np.ndarray:
+        arr = np.asarray(rows, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != width:
+            raise ValueError(f"{what} must have {width} columns per row, got shape {arr.shape}")
+        bad = ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{what} row {int(np.argmax(bad))} holds NaN or infinity")
+        return arr
+
+    def _context(self, context: np.ndarray | None, rows: int) -> list[np.ndarray] | None:
+        """``context`` as the one block ``run_pass`` takes: ``rows`` rows (one row is repeated)."""
+        width = self.served.context_features
+        if not width:
+            if context is not None:
+                raise ValueError(f"model {self.name!r} takes no context")
+            return None
+        if context is None:
+            raise ValueError(f"model {self.name!r} needs context {self.context_names} for every row")
+        ctx = self._rows(np.atleast_2d(context), width, "context")
+        if ctx.shape[0] == 1 and rows != 1:
+            ctx = np.repeat(ctx, rows, axis=0)
+        if ctx.shape[0] != rows:
+            raise ValueError(f"context has {ctx.shape[0]} rows for {rows} rows of data")
+        return [ctx]
+
+    def _pass(self, pass_: Pass, rows: np.ndarray, context: np.ndarray | None) -> dict[str, np.ndarray]:
+        block = self._rows(rows, self.served.features, "inputs" if pass_ is Pass.ENCODE else "latents")
+        packed = run_pass(self.served.model, pass_, [block], self._context(context, block.shape[0]))
+        return {k: v.astype(np.float64) for k, v in unpack(packed, pass_, self.served.features).items()}
+
+    # -- operations -------------------------------------------------------------------------------
+    def log_prob(self, inputs: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        """``log p(x)`` of each row."""
+        return self._pass(Pass.ENCODE, inputs, context)["log_prob"]
+
+    def inverse(self, inputs: np.ndarray, context: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``x → z``: ``latents``, ``log_det``, ``base_log_prob`` and ``log_prob = base_log_prob + log_det``."""
+        out = self._pass(Pass.ENCODE, inputs, context)
+        return {"latents": out["z"], "log_det": out["log_det"], "base_log_prob": out["base_log_prob"],
+                "log_prob": out["log_prob"]}
+
+    def forward(self, latents: np.ndarray, context: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``z → x``: ``outputs`` and the log-density of each output."""
+        out = self._pass(Pass.DECODE, latents, context)
+        return {"outputs": out["x"], "log_prob": out["log_prob"]}
+
+    def score(self, inputs: np.ndarray, context: np.ndarray | None = None,
+              alpha: float | None = None) -> dict[str, Any]:
+        """``log_prob``, ``score``, conformal ``p_value``, ``is_anomaly`` and ``threshold``, as ``/score``."""
+        if self.served.calibration is None:
+            anomaly_scores(np.empty(0), self.served, alpha)  # raises NoCalibration, naming the model
+        return anomaly_scores(self.log_prob(inputs, context), self.served, alpha)
+
+    def sample(self, n: int, seed: int | None = None, temperature: float = 1.0,
+               context: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``n`` rows as ``/sample`` draws them: ``samples``, ``log_prob`` and ``latents``.
+
+        ``context`` is one row (used for every sample) or ``n`` rows; the same ``seed`` gives the
+        same rows as the server.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        z = self.served.model.draw_latents(n, seed, temperature).numpy()
+        out = self.forward(z, context)
+        return {"samples": out["outputs"], "log_prob": out["log_prob"], "latents": z.astype(np.float64)}

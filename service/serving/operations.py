@@ -1,0 +1,167 @@
+r"""The five operations of the API on validated numpy rows, computed by the device worker.
+
+Every operation is one of the flow's two passes (see :mod:`service.serving.batching`): ``log_prob``,
+``inverse`` and ``score`` are the *encode* pass :math:`x \mapsto z = f^{-1}(x)`; ``forward`` and
+``sample`` the *decode* pass :math:`z \mapsto x = f(z)`. This module knows nothing of HTTP: the
+JSON API, a binary body parser and the Open Inference Protocol all call these functions with arrays
+they have already checked (rows ``(B, D)``, context ``(B, C)`` or ``None``, all finite), and encode
+the numpy results their own way.
+
+- ``inverse``: ``latents`` :math:`z`, ``log_det`` :math:`\log|\det \partial z/\partial x|`,
+  ``base_log_prob`` :math:`\log p_Z(z)` and ``log_prob`` :math:`= \log p_Z(z) + \log|\det|`.
+- ``sample``: :math:`z = T\varepsilon`, :math:`\varepsilon \sim N(0, I)` drawn on the CPU by a
+  generator seeded per request (:meth:`DensityModel.draw_latents`), then decoded; the same seed
+  gives the same rows whatever else the worker batches them with. Its ``n`` rows are admitted
+  first (:meth:`DeviceWorker.reserve`: queue bound, deadline), so a refused request draws nothing.
+- ``score``: :math:`s = -\log p(x)` and the conformal p-value
+  :math:`(1 + \#\{i : L_i \le \log p(x)\}) / (m + 1)` against the model's held-out calibration
+  log-densities :math:`L_1..L_m`; ``is_anomaly`` is :math:`p \le \alpha`.
+
+Results are CPU numpy arrays in the model's dtype (p-values in float64); non-finite values are
+returned as they are, for the encoder to represent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.serving.batching import Pass
+from service.accel.threads import one_intra_op_thread
+from service.serving.registry import ServedModel
+
+if TYPE_CHECKING:
+    from service.serving.batching import DeviceWorker
+
+__all__ = ["NoCalibration", "OperationError", "forward", "inverse", "log_prob", "sample", "score"]
+
+#: Largest seed a request may give (torch generators take 64-bit seeds).
+MAX_SEED = (1 << 64) - 1
+
+
+class OperationError(ValueError):
+    """Arrays that do not fit the model (the API layer checks before calling, with field names)."""
+
+
+class NoCalibration(OperationError):
+    """The model version has no calibration set, so it cannot give anomaly p-values."""
+
+
+def _check(served: ServedModel, rows: np.ndarray, context: np.ndarray | None, what: str) -> None:
+    if rows.ndim != 2 or rows.shape[1] != served.features:
+        raise OperationError(f"{what} must have shape (B, {served.features}), got {rows.shape}")
+    if served.context_features:
+        if context is None:
+            raise OperationError(f"model {served.name!r} needs context {served.context_names}")
+        if context.shape != (rows.shape[0], served.context_features):
+            raise OperationError(
+                f"context must have shape ({rows.shape[0]}, {served.context_features}), got {context.shape}"
+            )
+    elif context is not None:
+        raise OperationError(f"model {served.name!r} takes no context")
+
+
+async def _encode(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
+                  context: np.ndarray | None, deadline: float | None) -> dict[str, np.ndarray]:
+    _check(served, inputs, context, "inputs")
+    return await worker.submit(served.key, served.model, Pass.ENCODE, inputs, context, deadline=deadline)
+
+
+async def log_prob(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
+                   context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
+    """``{"log_prob": (B,)}``: :math:`\\log p(x)` of each row, in the data's own units."""
+    out = await _encode(worker, served, inputs, context, deadline)
+    return {"log_prob": out["log_prob"]}
+
+
+async def inverse(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
+                  context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
+    """``{"latents", "log_det", "base_log_prob", "log_prob"}`` with ``log_prob = base_log_prob + log_det``."""
+    out = await _encode(worker, served, inputs, context, deadline)
+    return {"latents": out["z"], "log_det": out["log_det"], "base_log_prob": out["base_log_prob"],
+            "log_prob": out["log_prob"]}
+
+
+async def forward(worker: DeviceWorker, served: ServedModel, latents: np.ndarray,
+                  context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
+    """``{"outputs": (B, D), "log_prob": (B,)}``: :math:`x = f(z)` and :math:`\\log p(x)`."""
+    _check(served, latents, context, "latents")
+    out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline)
+    return {"outputs": out["x"], "log_prob": out["log_prob"]}
+
+
+def _draw(served: ServedModel, n: int, seed: int, temperature: float) -> Any:
+    with one_intra_op_thread():
+        return served.model.draw_latents(n, seed, temperature)
+
+
+async def sample(worker: DeviceWorker, served: ServedModel, n: int, seed: int | None = None,
+                 temperature: float = 1.0, context: np.ndarray | None = None,
+                 deadline: float | None = None) -> dict[str, Any]:
+    """``{"samples", "log_prob", "latents", "seed"}``: ``n`` rows decoded from seeded latents.
+
+    ``context`` is one row (used for every sample) or ``n`` rows. Without a ``seed`` one is drawn
+    from the system's entropy and returned, so any answer can be reproduced. ``log_prob`` is the
+    model's own (untempered) log-density of each sample.
+    """
+    if n < 1:
+        raise OperationError(f"n must be >= 1, got {n}")
+    if not temperature > 0:
+        raise OperationError(f"temperature must be > 0, got {temperature}")
+    if seed is None:
+        seed = secrets.randbits(63)
+    if not 0 <= seed <= MAX_SEED:
+        raise OperationError(f"seed must lie in [0, 2**64 - 1], got {seed}")
+    if context is not None and context.ndim == 2 and context.shape[0] == 1 and n != 1:
+        context = np.repeat(context, n, axis=0)
+    # the shapes, on a zero-stride stand-in for the latents (no memory), before anything is drawn
+    _check(served, np.broadcast_to(np.zeros((1, served.features), np.float32), (n, served.features)), context,
+           "latents")
+    # admit first: a request refused (queue full, too slow for its deadline) draws nothing
+    with worker.reserve(served.key, Pass.DECODE, n, deadline) as reservation:
+        # the draw is CPU torch work: off the event loop, on one intra-op thread (service/accel/threads.py)
+        z = await asyncio.to_thread(_draw, served, n, seed, temperature)
+        latents = z.numpy()
+        out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline,
+                                  reservation=reservation)
+    return {"samples": out["x"], "log_prob": out["log_prob"], "latents": latents, "seed": seed}
+
+
+def anomaly_scores(lp: np.ndarray, served: ServedModel, alpha: float | None = None) -> dict[str, Any]:
+    """Scores, conformal p-values and flags for log-densities ``lp`` (module docstring)."""
+    calibration = served.calibration
+    if calibration is None:
+        raise NoCalibration(
+            f"model {served.name!r} version {served.version} has no calibration set, so it cannot score; "
+            "use log_prob instead"
+        )
+    alpha = served.anomaly_alpha if alpha is None else float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise OperationError(f"alpha must lie in (0, 1), got {alpha}")
+    p_value = calibration.p_value(lp)
+    return {
+        "log_prob": lp,
+        "score": -lp,
+        "p_value": p_value,
+        "is_anomaly": p_value <= alpha,
+        "threshold": {"alpha": alpha, "log_prob": calibration.threshold(alpha)},
+    }
+
+
+async def score(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
+                context: np.ndarray | None = None, alpha: float | None = None,
+                deadline: float | None = None) -> dict[str, Any]:
+    """``{"log_prob", "score", "p_value", "is_anomaly", "threshold": {"alpha", "log_prob"}}``.
+
+    ``alpha`` defaults to the model's ``anomaly_alpha`` (0.01 unless its manifest says otherwise).
+    Refused with :class:`NoCalibration` before any computation when the model has no calibration set.
+    """
+    if served.calibration is None:
+        anomaly_scores(np.empty(0), served, alpha)  # raises NoCalibration
+    if alpha is not None and not 0.0 < alpha < 1.0:
+        raise OperationError(f"alpha must lie in (0, 1), got {alpha}")
+    out = await _encode(worker, served, inputs, context, deadline)
+    return anomaly_scores(out["log_prob"], served, alpha)

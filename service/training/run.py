@@ -1,0 +1,106 @@
+"""One training run, from a data set to a certified artifact in the model repository.
+
+:func:`train_and_save` is what ``flowserve train`` and ``python -m service.training.default_models`` call:
+validate the data, dequantize it when asked, split it (train / validation / calibration), fit the
+flow (:func:`service.training.fit.fit`), score the calibration rows (the conformal calibration set),
+certify exactness (:mod:`service.training.exactness`) and write the next version with
+:func:`service.model.artifact.save_artifact`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from service.model.artifact import check_name, save_artifact
+from service.training.data import Dataset, dequantize, split, validate
+from service.training.exactness import certify, log_probs
+from service.training.fit import TrainConfig, fit
+
+__all__ = ["DEQUANTIZE_NOTE", "OOD_NOTE", "train_and_save"]
+
+OOD_NOTE = (
+    "Flows can give high density to some out-of-distribution data (Nalisnick et al., 2019): "
+    "a high log_prob alone does not prove that a point is like the training data."
+)
+DEQUANTIZE_NOTE = (
+    "Trained on dequantized data x + u, u ~ U(0,1) per feature: log_prob is the density of x + u; "
+    "the probability of an integer row k is the integral of the density over [k, k + 1)."
+)
+
+
+def train_and_save(
+    data: Dataset,
+    name: str,
+    model_dir: Path | str,
+    config: TrainConfig,
+    *,
+    dequantize_data: bool = False,
+    alpha: float = 0.01,
+    description: str = "",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> Path:
+    """Train a flow on ``data`` and write it as the next version of ``name``; return its folder.
+
+    The data is checked before anything is trained (:func:`service.training.data.validate` raises
+    :class:`service.training.data.DataError`). Seeds: ``config.seed`` drives the dequantization noise, the
+    split, the weight initialisation, the batch order and the base draws of the round-trip check.
+    """
+    check_name(name)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    validate(data, dequantizing=dequantize_data)
+    if dequantize_data:
+        data = dequantize(data, config.seed)
+    parts = split(data.rows, config.seed)
+    x, c = data.x, data.context
+    x_tr, x_va, x_ca = x[parts.train], x[parts.validation], x[parts.calibration]
+    c_tr, c_va, c_ca = (None, None, None) if c is None else (c[parts.train], c[parts.validation], c[parts.calibration])
+
+    result = fit(x_tr, x_va, config, c_tr, c_va, on_epoch=on_epoch)
+    model = result.model
+    calibration = log_probs(model, x_ca, c_ca).tolist()
+    exactness = certify(model, x_tr, x_ca, c_tr, c_ca, seed=config.seed)
+    d = x.shape[1]
+    nll = exactness["nll"]
+    training: dict[str, Any] = {
+        "rows": int(parts.train.size),
+        "split": {
+            "train": int(parts.train.size),
+            "validation": int(parts.validation.size),
+            "calibration": int(parts.calibration.size),
+        },
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 3),
+        "val_nll": result.best_val_nll,
+        "val_nll_per_dim": result.best_val_nll / d,
+        "test_nll": nll["nll"],
+        "test_nll_per_dim": nll["nll_per_dim"],
+        "gaussian_test_nll": nll["gaussian_nll"],
+        "gaussian_test_nll_per_dim": nll["gaussian_nll_per_dim"],
+        "seed": config.seed,
+        "data_file": data.source,
+        "dequantized": dequantize_data,
+        "config": dataclasses.asdict(config),
+    }
+    notes = [OOD_NOTE] + ([DEQUANTIZE_NOTE] if dequantize_data else [])
+    fields = {
+        "name": name,
+        "description": description,
+        "flow": model.flow_spec,
+        "dtype": config.dtype,
+        "feature_names": list(data.feature_names),
+        "context_names": list(data.context_names),
+        "preprocessing": {
+            "shift": model.shift.double().tolist(),
+            "scale": model.scale.double().tolist(),
+            "dequantized": dequantize_data,
+        },
+        "training": training,
+        "calibration": calibration,
+        "anomaly_alpha": alpha,
+        "exactness": exactness,
+        "notes": notes,
+    }
+    return save_artifact(model_dir, fields, model)
