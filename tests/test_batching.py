@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,20 @@ class Recorder:
         self.depths.append(rows)
 
 
+@contextmanager
+def running(worker: DeviceWorker, held: Instrumented | None = None) -> Iterator[DeviceWorker]:
+    """``worker`` started, and always stopped on the way out (without draining: what still waits is
+    answered :class:`WorkerStopped`). ``held``'s gate is opened first, so a test that fails while
+    the worker is held inside a batch still ends at once instead of waiting out the gate."""
+    worker.start()
+    try:
+        yield worker
+    finally:
+        if held is not None:
+            held.gate.set()
+        worker.stop(drain=False, timeout=10)
+
+
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -154,9 +169,7 @@ async def start_held(worker: DeviceWorker, model: Instrumented, key: Any = "m") 
 def test_concurrent_single_rows_share_one_batch() -> None:
     async def main() -> None:
         model, rec = Instrumented(make_model()), Recorder()
-        worker = DeviceWorker("cpu", BatchingConfig(), rec)
-        worker.start()
-        try:
+        with running(DeviceWorker("cpu", BatchingConfig(), rec), held=model) as worker:
             blocker = await start_held(worker, model)
             rows = np.random.default_rng(0).normal(size=(200, FEATURES))
             tasks = [asyncio.create_task(worker.submit("m", model, Pass.ENCODE, rows[i : i + 1])) for i in range(200)]
@@ -165,9 +178,6 @@ def test_concurrent_single_rows_share_one_batch() -> None:
             model.gate.set()
             results = await asyncio.gather(*tasks)
             await blocker
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         # the held batch, then every request that piled up meanwhile in a single batch
         assert [b[2:] for b in rec.batches] == [(1, 1), (200, 200)]
         assert len(rec.waits) == 201 and all(w >= 0 for w in rec.waits)
@@ -183,8 +193,6 @@ def test_results_do_not_depend_on_batching_both_passes_with_context(name: str) -
     async def main() -> None:
         base = make_model(name, context=CONTEXT, seed=1)
         model, rec = Instrumented(base), Recorder()
-        worker = DeviceWorker("cpu", BatchingConfig(max_batch_rows=32), rec)
-        worker.start()
         rng = np.random.default_rng(1)
         sizes = [1, 7, 40, 3, 1, 25, 2]
         requests = [
@@ -192,7 +200,7 @@ def test_results_do_not_depend_on_batching_both_passes_with_context(name: str) -
             for n in sizes
             for pass_, dtype in ((Pass.ENCODE, np.float64), (Pass.DECODE, np.float32))
         ]
-        try:
+        with running(DeviceWorker("cpu", BatchingConfig(max_batch_rows=32), rec), held=model) as worker:
             model.hold_next_batch()
             blocker = asyncio.create_task(
                 worker.submit("c", model, Pass.ENCODE, np.zeros((1, FEATURES)), np.zeros((1, CONTEXT)))
@@ -203,9 +211,6 @@ def test_results_do_not_depend_on_batching_both_passes_with_context(name: str) -
             model.gate.set()
             results = await asyncio.gather(*tasks)
             await blocker
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         for (pass_, x, c), result in zip(requests, results):
             assert_same(result, direct(base, pass_, x, c))
         # rows of many requests shared batches, never more than max_batch_rows, never mixing passes
@@ -220,11 +225,9 @@ def test_large_request_is_split_and_reassembled_in_order() -> None:
     async def main() -> None:
         model, rec = Instrumented(make_model()), Recorder()
         # the time slice off (chunks of max_batch_rows, whatever the measured rate): tests/test_fairness.py has it on
-        worker = DeviceWorker("cpu", BatchingConfig(max_batch_rows=16, max_batch_ms=0), rec)
-        worker.start()
         rng = np.random.default_rng(2)
         big, small = rng.normal(size=(100, FEATURES)), rng.normal(size=(5, FEATURES))
-        try:
+        with running(DeviceWorker("cpu", BatchingConfig(max_batch_rows=16, max_batch_ms=0), rec), held=model) as worker:
             blocker = await start_held(worker, model)
             big_task = asyncio.create_task(worker.submit("m", model, Pass.DECODE, big))
             small_task = asyncio.create_task(worker.submit("m", model, Pass.DECODE, small))
@@ -232,9 +235,6 @@ def test_large_request_is_split_and_reassembled_in_order() -> None:
             model.gate.set()
             got_big, got_small = await asyncio.gather(big_task, small_task)
             await blocker
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         # round robin: one chunk of the big request, then it goes behind the small one, whose 5 rows
         # lead the next batch (the big one fills the room left); then the big request's last 73 rows
         assert [b[2:] for b in rec.batches[1:]] == [(16, 1), (16, 2)] + [(16, 1)] * 4 + [(9, 1)]
@@ -247,9 +247,7 @@ def test_large_request_is_split_and_reassembled_in_order() -> None:
 def test_queue_bound_refuses_at_once_with_retry_after() -> None:
     async def main() -> None:
         model = Instrumented(make_model())
-        worker = DeviceWorker("cpu", BatchingConfig(max_queue_rows=10))
-        worker.start()
-        try:
+        with running(DeviceWorker("cpu", BatchingConfig(max_queue_rows=10)), held=model) as worker:
             blocker = await start_held(worker, model)
             assert worker.queued_rows() == 0  # the held batch's row is no longer waiting
             waiting = asyncio.create_task(worker.submit("m", model, Pass.ENCODE, np.ones((10, FEATURES))))
@@ -265,9 +263,6 @@ def test_queue_bound_refuses_at_once_with_retry_after() -> None:
             await blocker
             # room again once the queue drained
             assert (await worker.submit("other", model, Pass.DECODE, np.ones((1, FEATURES))))["x"].shape == (1, FEATURES)
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
 
     run(main())
 
@@ -275,10 +270,8 @@ def test_queue_bound_refuses_at_once_with_retry_after() -> None:
 def test_deadline_while_queued_is_answered_and_never_computed() -> None:
     async def main() -> None:
         model = Instrumented(make_model())
-        worker = DeviceWorker("cpu")
-        worker.start()
         late = np.full((3, FEATURES), 7.25)
-        try:
+        with running(DeviceWorker("cpu"), held=model) as worker:
             with pytest.raises(DeadlineExceeded):  # already past: refused at once
                 await worker.submit("m", model, Pass.ENCODE, late, deadline=time.monotonic() - 1)
             blocker = await start_held(worker, model)
@@ -290,9 +283,6 @@ def test_deadline_while_queued_is_answered_and_never_computed() -> None:
             await blocker
             after = await worker.submit("m", model, Pass.ENCODE, np.zeros((2, FEATURES)))
             assert after["z"].shape == (2, FEATURES)
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         assert not model.computed(late)
         assert len(model.calls) == 2
 
@@ -302,10 +292,8 @@ def test_deadline_while_queued_is_answered_and_never_computed() -> None:
 def test_deadline_found_passed_by_the_worker_skips_the_job() -> None:
     async def main() -> None:
         model, rec = Instrumented(make_model()), Recorder()
-        worker = DeviceWorker("cpu", BatchingConfig(), rec)
-        worker.start()
         late, fine = np.full((2, FEATURES), 7.25), np.full((1, FEATURES), 0.25)
-        try:
+        with running(DeviceWorker("cpu", BatchingConfig(), rec), held=model) as worker:
             blocker = await start_held(worker, model)
             late_task = asyncio.create_task(worker.submit("m", model, Pass.ENCODE, late, deadline=time.monotonic() + 0.02))
             fine_task = asyncio.create_task(worker.submit("m", model, Pass.ENCODE, fine))
@@ -320,9 +308,6 @@ def test_deadline_found_passed_by_the_worker_skips_the_job() -> None:
                 await late_task
             assert_same(await fine_task, direct(model, Pass.ENCODE, fine))
             await blocker
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         assert not model.computed(late)
         assert [b[2:] for b in rec.batches] == [(1, 1), (1, 1)]
 
@@ -332,10 +317,8 @@ def test_deadline_found_passed_by_the_worker_skips_the_job() -> None:
 def test_cancelled_request_is_dropped_before_it_runs() -> None:
     async def main() -> None:
         model = Instrumented(make_model())
-        worker = DeviceWorker("cpu")
-        worker.start()
         gone = np.full((4, FEATURES), 3.125)
-        try:
+        with running(DeviceWorker("cpu"), held=model) as worker:
             blocker = await start_held(worker, model)
             task = asyncio.create_task(worker.submit("m", model, Pass.DECODE, gone))
             await spin()
@@ -347,9 +330,6 @@ def test_cancelled_request_is_dropped_before_it_runs() -> None:
             model.gate.set()
             await blocker
             await worker.submit("m", model, Pass.DECODE, np.zeros((1, FEATURES)))
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         assert not model.computed(gone)
 
     run(main())
@@ -358,13 +338,11 @@ def test_cancelled_request_is_dropped_before_it_runs() -> None:
 def test_failing_rows_fail_alone_and_neighbours_succeed() -> None:
     async def main() -> None:
         model, rec = Instrumented(make_model()), Recorder()
-        worker = DeviceWorker("cpu", BatchingConfig(), rec)
-        worker.start()
         rng = np.random.default_rng(3)
         good_a, good_b = rng.normal(size=(4, FEATURES)), rng.normal(size=(2, FEATURES))
         bad = rng.normal(size=(3, FEATURES))
         bad[1, 0] = POISON
-        try:
+        with running(DeviceWorker("cpu", BatchingConfig(), rec), held=model) as worker:
             blocker = await start_held(worker, model)
             tasks = [asyncio.create_task(worker.submit("m", model, Pass.ENCODE, x)) for x in (good_a, bad, good_b)]
             await spin()
@@ -373,9 +351,6 @@ def test_failing_rows_fail_alone_and_neighbours_succeed() -> None:
             await blocker
             # the worker carries on after a failure
             assert_same(await worker.submit("m", model, Pass.ENCODE, good_b), direct(model, Pass.ENCODE, good_b))
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         assert_same(results[0], direct(model, Pass.ENCODE, good_a))
         assert_same(results[2], direct(model, Pass.ENCODE, good_b))
         assert isinstance(results[1], ComputeError)
@@ -388,11 +363,9 @@ def test_failing_rows_fail_alone_and_neighbours_succeed() -> None:
 def test_out_of_memory_halves_the_batch() -> None:
     async def main() -> None:
         model = Instrumented(make_model())
-        worker = DeviceWorker("cpu")
-        worker.start()
         rng = np.random.default_rng(4)
         requests = [rng.normal(size=(3, FEATURES)) for _ in range(10)]
-        try:
+        with running(DeviceWorker("cpu"), held=model) as worker:
             blocker = await start_held(worker, model)
             model.oom_above = 8
             tasks = [asyncio.create_task(worker.submit("m", model, Pass.ENCODE, x)) for x in requests]
@@ -404,9 +377,6 @@ def test_out_of_memory_halves_the_batch() -> None:
             with pytest.raises(ComputeError, match="out of memory"):
                 await worker.submit("m", model, Pass.ENCODE, requests[0])
             model.oom_above = None
-        finally:
-            model.gate.set()
-            worker.stop(drain=False, timeout=10)
         for x, result in zip(requests, results):
             assert_same(result, direct(model, Pass.ENCODE, x))
         sizes = [len(call) for call in model.calls[1:]]
@@ -419,27 +389,26 @@ def test_out_of_memory_halves_the_batch() -> None:
 def test_stop_with_drain_finishes_accepted_work_and_refuses_new() -> None:
     async def main() -> None:
         model = Instrumented(make_model())
-        worker = DeviceWorker("cpu", BatchingConfig(max_batch_rows=4))
-        worker.start()
         rng = np.random.default_rng(5)
         accepted = [rng.normal(size=(n, FEATURES)) for n in (1, 6, 2)]
-        blocker = await start_held(worker, model)
-        tasks = [asyncio.create_task(worker.submit("m", model, Pass.DECODE, x)) for x in accepted]
-        await spin()
-        stopping = asyncio.create_task(asyncio.to_thread(worker.stop, True, 30))
-        while worker.accepting:  # stop() flips this at once, before it waits for the drain
-            await asyncio.sleep(0.001)
-        with pytest.raises(WorkerStopped):
-            await worker.submit("m", model, Pass.DECODE, np.zeros((1, FEATURES)))
-        model.gate.set()
-        results = await asyncio.gather(*tasks)
-        await stopping
-        await blocker
-        assert not worker.running and not worker.accepting
-        for x, result in zip(accepted, results):
-            assert_same(result, direct(model, Pass.DECODE, x))
-        with pytest.raises(WorkerStopped):
-            await worker.submit("m", model, Pass.ENCODE, np.zeros((1, FEATURES)))
+        with running(DeviceWorker("cpu", BatchingConfig(max_batch_rows=4)), held=model) as worker:
+            blocker = await start_held(worker, model)
+            tasks = [asyncio.create_task(worker.submit("m", model, Pass.DECODE, x)) for x in accepted]
+            await spin()
+            stopping = asyncio.create_task(asyncio.to_thread(worker.stop, True, 30))
+            while worker.accepting:  # stop() flips this at once, before it waits for the drain
+                await asyncio.sleep(0.001)
+            with pytest.raises(WorkerStopped):
+                await worker.submit("m", model, Pass.DECODE, np.zeros((1, FEATURES)))
+            model.gate.set()
+            results = await asyncio.gather(*tasks)
+            await stopping
+            await blocker
+            assert not worker.running and not worker.accepting
+            for x, result in zip(accepted, results):
+                assert_same(result, direct(model, Pass.DECODE, x))
+            with pytest.raises(WorkerStopped):
+                await worker.submit("m", model, Pass.ENCODE, np.zeros((1, FEATURES)))
 
     run(main())
 
@@ -447,21 +416,20 @@ def test_stop_with_drain_finishes_accepted_work_and_refuses_new() -> None:
 def test_stop_without_drain_answers_waiting_requests_worker_stopped() -> None:
     async def main() -> None:
         model = Instrumented(make_model())
-        worker = DeviceWorker("cpu")
-        worker.start()
         waiting_rows = np.full((2, FEATURES), 5.5)
-        blocker = await start_held(worker, model)
-        waiting = asyncio.create_task(worker.submit("m", model, Pass.ENCODE, waiting_rows))
-        await spin()
-        stopping = asyncio.create_task(asyncio.to_thread(worker.stop, False, 30))
-        with pytest.raises(WorkerStopped):
-            await waiting
-        assert not model.gate.is_set()  # answered while the worker was still busy
-        model.gate.set()
-        assert (await blocker)["log_prob"].shape == (1,)  # the batch already running still finishes
-        await stopping
-        assert not worker.running and worker.queued_rows() == 0
-        assert not model.computed(waiting_rows)
+        with running(DeviceWorker("cpu"), held=model) as worker:
+            blocker = await start_held(worker, model)
+            waiting = asyncio.create_task(worker.submit("m", model, Pass.ENCODE, waiting_rows))
+            await spin()
+            stopping = asyncio.create_task(asyncio.to_thread(worker.stop, False, 30))
+            with pytest.raises(WorkerStopped):
+                await waiting
+            assert not model.gate.is_set()  # answered while the worker was still busy
+            model.gate.set()
+            assert (await blocker)["log_prob"].shape == (1,)  # the batch already running still finishes
+            await stopping
+            assert not worker.running and worker.queued_rows() == 0
+            assert not model.computed(waiting_rows)
 
     run(main())
 
@@ -469,21 +437,20 @@ def test_stop_without_drain_answers_waiting_requests_worker_stopped() -> None:
 def test_max_wait_grows_a_batch_until_full_and_stop_flushes_it() -> None:
     async def main() -> None:
         model, rec = make_model(), Recorder()
-        worker = DeviceWorker("cpu", BatchingConfig(max_batch_rows=8, max_wait_ms=60_000), rec)
-        worker.start()
         rows = np.random.default_rng(6).normal(size=(8, FEATURES))
-        # a full batch runs without waiting out max_wait_ms
-        results = await asyncio.gather(*(worker.submit("m", model, Pass.ENCODE, rows[i : i + 1]) for i in range(8)))
-        assert [b[2:] for b in rec.batches] == [(8, 8)]
-        for i, result in enumerate(results):
-            assert_same(result, direct(model, Pass.ENCODE, rows[i : i + 1]))
-        # a partial batch waits, until stop(drain=True) flushes it
-        partial = asyncio.create_task(worker.submit("m", model, Pass.ENCODE, rows[:3]))
-        await spin()
-        assert worker.queued_rows() == 3
-        await asyncio.to_thread(worker.stop, True, 30)
-        assert_same(await partial, direct(model, Pass.ENCODE, rows[:3]))
-        assert [b[2:] for b in rec.batches] == [(8, 8), (3, 1)]
+        with running(DeviceWorker("cpu", BatchingConfig(max_batch_rows=8, max_wait_ms=60_000), rec)) as worker:
+            # a full batch runs without waiting out max_wait_ms
+            results = await asyncio.gather(*(worker.submit("m", model, Pass.ENCODE, rows[i : i + 1]) for i in range(8)))
+            assert [b[2:] for b in rec.batches] == [(8, 8)]
+            for i, result in enumerate(results):
+                assert_same(result, direct(model, Pass.ENCODE, rows[i : i + 1]))
+            # a partial batch waits, until stop(drain=True) flushes it
+            partial = asyncio.create_task(worker.submit("m", model, Pass.ENCODE, rows[:3]))
+            await spin()
+            assert worker.queued_rows() == 3
+            await asyncio.to_thread(worker.stop, True, 30)
+            assert_same(await partial, direct(model, Pass.ENCODE, rows[:3]))
+            assert [b[2:] for b in rec.batches] == [(8, 8), (3, 1)]
 
     run(main())
 
@@ -492,10 +459,8 @@ def test_float64_model_keys_and_passes_use_separate_queues() -> None:
     async def main() -> None:
         m32, m64, rec = make_model(seed=7), make_model("realnvp", dtype=torch.float64, seed=8), Recorder()
         held = Instrumented(m32)
-        worker = DeviceWorker(torch.device("cpu"), BatchingConfig(), rec)
-        worker.start()
         x = np.random.default_rng(7).normal(size=(5, FEATURES))
-        try:
+        with running(DeviceWorker(torch.device("cpu"), BatchingConfig(), rec), held=held) as worker:
             blocker = await start_held(worker, held, key="held")
             jobs = [("a", m32, Pass.ENCODE), ("b", m64, Pass.ENCODE), ("a", m32, Pass.DECODE), ("b", m64, Pass.DECODE)]
             tasks = [asyncio.create_task(worker.submit(k, m, p, x)) for k, m, p in jobs for _ in range(2)]
@@ -503,9 +468,6 @@ def test_float64_model_keys_and_passes_use_separate_queues() -> None:
             held.gate.set()
             results = await asyncio.gather(*tasks)
             await blocker
-        finally:
-            held.gate.set()
-            worker.stop(drain=False, timeout=10)
         for (key, model, pass_), result in zip([j for j in jobs for _ in range(2)], results):
             assert_same(result, direct(model, pass_, x))
         # each (key, pass) queue formed one batch of its two requests, oldest head first
@@ -520,8 +482,7 @@ def test_bad_shapes_zero_rows_and_not_started() -> None:
         worker = DeviceWorker("cpu")
         with pytest.raises(WorkerStopped):
             await worker.submit("m", plain, Pass.ENCODE, np.zeros((1, FEATURES)))
-        worker.start()
-        try:
+        with running(worker):
             with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
                 await worker.submit("m", plain, Pass.ENCODE, np.zeros((2, FEATURES + 1)))
             with pytest.raises(ValueError, match="takes no context"):
@@ -536,8 +497,6 @@ def test_bad_shapes_zero_rows_and_not_started() -> None:
                 "z": (0, FEATURES), "log_det": (0,), "base_log_prob": (0,), "log_prob": (0,)
             }
             assert all(v.dtype == np.float32 for v in empty.values())
-        finally:
-            worker.stop()
         with pytest.raises(RuntimeError):
             worker.start()
 
@@ -553,12 +512,8 @@ def test_observer_that_raises_does_not_break_the_worker() -> None:
 
     async def main() -> None:
         model = make_model()
-        worker = DeviceWorker("cpu", BatchingConfig(), Broken())  # type: ignore[arg-type]
-        worker.start()
         x = np.random.default_rng(9).normal(size=(4, FEATURES))
-        try:
+        with running(DeviceWorker("cpu", BatchingConfig(), Broken())) as worker:  # type: ignore[arg-type]
             assert_same(await worker.submit("m", model, Pass.ENCODE, x), direct(model, Pass.ENCODE, x))
-        finally:
-            worker.stop()
 
     run(main())
