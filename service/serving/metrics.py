@@ -15,10 +15,17 @@ Named by Prometheus conventions (base units, ``_total`` for counters, ``_seconds
 | ``flowserve_queue_rows``                | gauge     | (none): rows waiting in the worker   |
 | ``flowserve_model_queue_rows``          | gauge     | model, version, pass: rows waiting for that model version and pass |
 | ``flowserve_models_ready``              | gauge     | (none): 1 when every model is loaded |
+| ``flowserve_anomaly_rows_total``        | counter   | model, version, flagged (``true`` / ``false``): rows scored |
+| ``flowserve_log_prob``                  | histogram | model, version: log-densities of log_prob and score; ``le`` = the version's calibration quantiles |
+| ``flowserve_drift_ks``                  | gauge     | model, version: KS statistic, recent log-densities vs. calibration |
+| ``flowserve_drift_p_value``             | gauge     | model, version: its p-value (absent until the window has enough rows) |
+| ``flowserve_drift_window_rows``         | gauge     | model, version: rows in the drift window |
 
 :class:`Metrics` is also the device worker's :class:`~service.serving.batching.BatchObserver`. Model
 labels are only ever names of served models (a request for an unknown model counts as
-``model="_unknown"``), so clients cannot grow the label sets.
+``model="_unknown"``), so clients cannot grow the label sets. The per-model watch of the inputs
+(flag counts, log-density histogram, drift) is :mod:`service.serving.monitoring`, exposed here by
+its :class:`~service.serving.monitoring.MonitorCollector`.
 
 The registry also carries prometheus-client's default collectors, registered on it rather than on
 the global registry: ``process_*`` (CPU seconds, resident memory, open file descriptors, start
@@ -42,6 +49,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+from service.serving.monitoring import MonitorCollector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestRecord", "UNKNOWN_MODEL"]
 
@@ -124,6 +133,9 @@ class Metrics:
         self.model_queue_rows = Gauge("flowserve_model_queue_rows",
                                       "Rows waiting in the device worker for one model version and pass.",
                                       ["model", "version", "pass"], registry=r)
+        #: the models' flag counts, log-density histograms and drift statistics (built at scrape time)
+        self.monitors = MonitorCollector()
+        r.register(self.monitors)
         if registry is None:  # a registry given by the caller keeps what it has (tests build several)
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)

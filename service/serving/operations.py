@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.serving import monitoring
 from service.serving.batching import Pass
 from service.accel.threads import one_intra_op_thread
 from service.serving.registry import ServedModel
@@ -74,6 +75,7 @@ async def log_prob(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray
                    context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
     """``{"log_prob": (B,)}``: :math:`\\log p(x)` of each row, in the data's own units."""
     out = await _encode(worker, served, inputs, context, deadline)
+    monitoring.observe(served, out["log_prob"])  # the drift monitor (service/serving/monitoring.py)
     return {"log_prob": out["log_prob"]}
 
 
@@ -164,4 +166,6 @@ async def score(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
     if alpha is not None and not 0.0 < alpha < 1.0:
         raise OperationError(f"alpha must lie in (0, 1), got {alpha}")
     out = await _encode(worker, served, inputs, context, deadline)
-    return anomaly_scores(out["log_prob"], served, alpha)
+    scored = anomaly_scores(out["log_prob"], served, alpha)
+    monitoring.observe(served, scored["log_prob"], scored["is_anomaly"])  # the drift monitor and flag counts
+    return scored

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
+from service.serving import monitoring
 from service.serving.registry import ModelEntry, ModelState, ServedModel
 from service.http.responses import NumpyJSONResponse
 from service.http.schemas import ModelCard, ModelList, ModelVersions
@@ -40,7 +41,9 @@ def summary(entry: ModelEntry, device: str, served: ServedModel | None = None) -
 
 
 def card(entry: ModelEntry, served: ServedModel, device: str) -> dict[str, Any]:
-    """The model card: the list entry and everything the manifest says about the model."""
+    """The model card: the list entry, everything the manifest says about the model, and its
+    ``drift`` (:meth:`service.serving.monitoring.ModelMonitor.drift`: the latest KS test of the
+    recent log-densities against the calibration set)."""
     m = served.artifact.manifest
     calibration = served.calibration
     return {
@@ -54,6 +57,7 @@ def card(entry: ModelEntry, served: ServedModel, device: str) -> dict[str, Any]:
         "preprocessing": m.preprocessing.model_dump(),
         "training": m.training,
         "calibration": None if calibration is None else calibration.summary(),
+        "drift": monitoring.monitor_of(served).drift(),
         "anomaly_alpha": m.anomaly_alpha,
         "exactness": m.exactness,
         "notes": m.notes,
