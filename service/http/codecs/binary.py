@@ -82,7 +82,7 @@ def _malformed(what: str, why: str, loc: tuple[str, ...] = ("body",)) -> Problem
 
 def _kind_name(dtype: np.dtype) -> str:
     if dtype.hasobject:
-        return "holds Python objects (pickles are never read)"
+        return "Python objects (pickles are never read)"
     return {"c": "complex numbers", "V": "a structured or void type", "U": "text", "S": "bytes",
             "M": "dates", "m": "time spans"}.get(dtype.kind, f"type {dtype.kind!r}")
 
@@ -106,7 +106,7 @@ def read_npy(data: bytes | memoryview, what: str = "the body", loc: tuple[str, .
     except Exception as e:  # noqa: BLE001 - numpy's reader raises ValueError, SyntaxError, EOFError, ...
         raise _malformed(what, str(e) or type(e).__name__, loc) from None
     if dtype.kind not in ACCEPTED_KINDS or dtype.hasobject:
-        raise Problem(400, "invalid-input", f"{what} {_kind_name(dtype)} (dtype {dtype.str!r}); send real numbers, "
+        raise Problem(400, "invalid-input", f"{what} holds {_kind_name(dtype)} (dtype {dtype.str!r}); send real numbers, "
                       "float32 or float64", errors=[field_error(loc, f"unsupported dtype {dtype.str!r}")])
     count = math.prod(shape)
     expected = count * dtype.itemsize
@@ -181,12 +181,15 @@ def _inflate(data: memoryview, info: zipfile.ZipInfo, key: str, budget: int, max
         try:
             while not inflater.eof:
                 chunk = inflater.unconsumed_tail
-                if not chunk:
-                    if pos >= len(data):
-                        raise _bad_member(info, key, "its deflate stream is truncated")
+                if not chunk and pos < len(data):
                     chunk = data[pos:pos + INFLATE_IN]
                     pos += len(chunk)
-                out += inflater.decompress(chunk, INFLATE_OUT)
+                # with every input byte taken, zlib may still hold output (a long run of one byte
+                # inflates from a few bits): an empty chunk flushes it; truncated only if none comes
+                step = inflater.decompress(chunk, INFLATE_OUT)
+                if not chunk and not step and not inflater.eof:
+                    raise _bad_member(info, key, "its deflate stream is truncated")
+                out += step
                 if len(out) > budget:
                     raise too_large(len(out))
         except zlib.error as e:
