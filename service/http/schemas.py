@@ -24,6 +24,8 @@ from service.serving.operations import MAX_SEED
 
 __all__ = [
     "EncodeParams",
+    "PARAMS",
+    "RESPONSE_MODELS",
     "ForwardParams",
     "ForwardRequest",
     "ForwardResponse",
@@ -253,6 +255,15 @@ class ScoreResponse(_Answer):
     threshold: Threshold
 
 
+#: operation -> the model of its scalar fields (query parameters with a binary or empty body)
+PARAMS: dict[str, type[BaseModel]] = {"log_prob": EncodeParams, "inverse": EncodeParams, "forward": ForwardParams,
+                                      "sample": SampleParams, "score": ScoreParams}
+#: operation -> the model that documents its answer
+RESPONSE_MODELS: dict[str, type[BaseModel]] = {"log_prob": LogProbResponse, "inverse": InverseResponse,
+                                               "forward": ForwardResponse, "sample": SampleResponse,
+                                               "score": ScoreResponse}
+
+
 class ProblemError(BaseModel):
     loc: list[str | int] = Field(..., description="Where: e.g. [\"body\", \"inputs\", 3, 1] is row 3, column 1.",
                                  examples=[["body", "inputs", 3, 1]])
@@ -361,7 +372,8 @@ class V2InputTensor(BaseModel):
 
 
 class V2RequestedOutput(BaseModel):
-    name: str = Field(..., description="`log_prob`, `latents` or `log_det`.", examples=["log_prob"])
+    name: str = Field(..., description="`log_prob`, `latents` or `log_det`; for a model with a calibration set also "
+                                       "`score`, `p_value`, `is_anomaly` or `threshold`.", examples=["log_prob"])
     parameters: dict[str, Any] | None = Field(None, description="`binary_data`: send this output in binary.")
 
 
@@ -370,7 +382,8 @@ class V2InferRequest(BaseModel):
 
     id: str | None = Field(None, description="Echoed in the answer.")
     parameters: dict[str, Any] | None = Field(
-        None, description="`binary_data_output` (bool) and `timeout` (microseconds) are read; others are ignored.")
+        None, description="`binary_data_output` (bool), `timeout` (microseconds) and `alpha` (the score outputs' "
+                          "significance level, in (0, 1)) are read; others are ignored.")
     inputs: list[V2InputTensor] = Field(..., min_length=1, description="The input tensors.")
     outputs: list[V2RequestedOutput] | None = Field(None, description="The outputs to answer (default `log_prob`).")
 
@@ -381,10 +394,11 @@ class V2InferRequest(BaseModel):
 
 class V2OutputTensor(BaseModel):
     name: str = Field(..., examples=["log_prob"])
-    datatype: str = Field(..., description="The model's dtype: `FP32` or `FP64`.", examples=["FP32"])
+    datatype: str = Field(..., description="The model's dtype (`FP32` or `FP64`); `p_value` and `threshold` are "
+                                           "`FP64`, `is_anomaly` `BOOL`.", examples=["FP32"])
     shape: list[int] = Field(..., examples=[[2]])
     parameters: dict[str, Any] | None = Field(None, description="`binary_data_size` for a binary output.")
-    data: list[float | None] | None = Field(None, description="Flat, row-major; non-finite values as `null`.")
+    data: list[float | bool | None] | None = Field(None, description="Flat, row-major; non-finite values as `null`.")
 
 
 class V2InferResponse(BaseModel):

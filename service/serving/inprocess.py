@@ -22,6 +22,7 @@ from service.serving.batching.compute import run_pass
 from service.serving.batching.jobs import unpack
 from service.serving.operations import anomaly_scores
 from service.serving.registry import ModelKey, ServedModel
+from service.serving.table import FORWARD, INVERSE, LOG_PROB, SAMPLE
 from service.model.repository import ModelRepository
 
 __all__ = ["LocalModel"]
@@ -90,18 +91,15 @@ class LocalModel:
     # -- operations -------------------------------------------------------------------------------
     def log_prob(self, inputs: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         """``log p(x)`` of each row."""
-        return self._pass(Pass.ENCODE, inputs, context)["log_prob"]
+        return LOG_PROB.select(self._pass(LOG_PROB.pass_, inputs, context))["log_prob"]
 
     def inverse(self, inputs: np.ndarray, context: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``x → z``: ``latents``, ``log_det``, ``base_log_prob`` and ``log_prob = base_log_prob + log_det``."""
-        out = self._pass(Pass.ENCODE, inputs, context)
-        return {"latents": out["z"], "log_det": out["log_det"], "base_log_prob": out["base_log_prob"],
-                "log_prob": out["log_prob"]}
+        return INVERSE.select(self._pass(INVERSE.pass_, inputs, context))
 
     def forward(self, latents: np.ndarray, context: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``z → x``: ``outputs`` and the log-density of each output."""
-        out = self._pass(Pass.DECODE, latents, context)
-        return {"outputs": out["x"], "log_prob": out["log_prob"]}
+        return FORWARD.select(self._pass(FORWARD.pass_, latents, context))
 
     def score(self, inputs: np.ndarray, context: np.ndarray | None = None,
               alpha: float | None = None) -> dict[str, Any]:
@@ -120,5 +118,5 @@ class LocalModel:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         z = self.served.model.draw_latents(n, seed, temperature).numpy()
-        out = self.forward(z, context)
-        return {"samples": out["outputs"], "log_prob": out["log_prob"], "latents": z.astype(np.float64)}
+        out = self._pass(SAMPLE.pass_, z, context)
+        return SAMPLE.select({**out, "z": z.astype(np.float64)})

@@ -33,6 +33,7 @@ from service.serving import monitoring
 from service.serving.batching import Pass
 from service.accel.threads import one_intra_op_thread
 from service.serving.registry import ServedModel
+from service.serving.table import FORWARD, INVERSE, LOG_PROB, SAMPLE
 
 if TYPE_CHECKING:
     from service.serving.batching import DeviceWorker
@@ -74,17 +75,15 @@ async def _encode(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
 async def log_prob(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
                    context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
     """``{"log_prob": (B,)}``: :math:`\\log p(x)` of each row, in the data's own units."""
-    out = await _encode(worker, served, inputs, context, deadline)
+    out = LOG_PROB.select(await _encode(worker, served, inputs, context, deadline))
     monitoring.observe(served, out["log_prob"])  # the drift monitor (service/serving/monitoring.py)
-    return {"log_prob": out["log_prob"]}
+    return out
 
 
 async def inverse(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
                   context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
     """``{"latents", "log_det", "base_log_prob", "log_prob"}`` with ``log_prob = base_log_prob + log_det``."""
-    out = await _encode(worker, served, inputs, context, deadline)
-    return {"latents": out["z"], "log_det": out["log_det"], "base_log_prob": out["base_log_prob"],
-            "log_prob": out["log_prob"]}
+    return INVERSE.select(await _encode(worker, served, inputs, context, deadline))
 
 
 async def forward(worker: DeviceWorker, served: ServedModel, latents: np.ndarray,
@@ -92,7 +91,7 @@ async def forward(worker: DeviceWorker, served: ServedModel, latents: np.ndarray
     """``{"outputs": (B, D), "log_prob": (B,)}``: :math:`x = f(z)` and :math:`\\log p(x)`."""
     _check(served, latents, context, "latents")
     out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline)
-    return {"outputs": out["x"], "log_prob": out["log_prob"]}
+    return FORWARD.select(out)
 
 
 def _draw(served: ServedModel, n: int, seed: int, temperature: float) -> Any:
@@ -129,7 +128,7 @@ async def sample(worker: DeviceWorker, served: ServedModel, n: int, seed: int | 
         latents = z.numpy()
         out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline,
                                   reservation=reservation)
-    return {"samples": out["x"], "log_prob": out["log_prob"], "latents": latents, "seed": seed}
+    return {**SAMPLE.select({**out, "z": latents}), "seed": seed}
 
 
 def anomaly_scores(lp: np.ndarray, served: ServedModel, alpha: float | None = None) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from starlette.responses import Response
 
 from service.http.codecs.bodies import ParsedBody, query_fields, register_parser
 from service.http.problems import Problem, field_error
+from service.serving.table import TABLE
 
 __all__ = [
     "ACCEPTED_KINDS",
@@ -350,9 +351,8 @@ class BinaryResponse(Response):
         super().__init__(content, media_type=media_type, headers=dict(headers or {}))
 
 
-#: operation -> the field an ``application/x-npy`` answer holds
-MAIN_FIELD = {"log_prob": "log_prob", "inverse": "latents", "forward": "outputs", "sample": "samples",
-              "score": "log_prob"}
+#: operation -> the field an ``application/x-npy`` answer holds (from :data:`service.serving.table.TABLE`)
+MAIN_FIELD = {op.name: op.main_answer for op in TABLE}
 
 
 def encode(payload: Mapping[str, Any], media: str, main: str, headers: Mapping[str, str] | None = None) -> Response:

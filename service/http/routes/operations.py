@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
@@ -30,30 +30,16 @@ from service.http.problems import Problem, field_error
 from service.http.codecs.negotiation import negotiate
 from service.http.responses import NumpyJSONResponse
 from service.http.codecs.rows import describe_names, rows_array
-from service.http.schemas import (
-    EncodeParams,
-    ForwardParams,
-    ForwardResponse,
-    InverseResponse,
-    LogProbResponse,
-    REQUEST_MODELS,
-    SampleParams,
-    SampleResponse,
-    ScoreParams,
-    ScoreResponse,
-    request_examples,
-)
+from service.http.schemas import PARAMS, REQUEST_MODELS, RESPONSE_MODELS, SampleParams, request_examples
+from service.serving.table import TABLE, Operation
 from service.http.state import ServiceState, get_state
 
-__all__ = ["ENDPOINTS", "Endpoint", "handle", "router"]
+__all__ = ["ENDPOINTS", "Endpoint", "PARAMS", "handle", "router"]
 
 router = APIRouter(prefix="/v1/models", tags=["operations"])
 
 NAME = Path(..., description="The model's name.", examples=["moons"])
 VERSION = Path(..., description="An integer version of the model.", examples=["1"])
-
-Runner = Callable[[ServiceState, ServedModel, ParsedBody, float], Awaitable[tuple[dict[str, Any], int]]]
-
 
 # -- shared steps ---------------------------------------------------------------------------------
 def _params(parsed: ParsedBody, model: type[BaseModel], arrays: tuple[str, ...]) -> Any:
@@ -118,48 +104,31 @@ def _answer(served: ServedModel, **arrays: Any) -> dict[str, Any]:
 
 
 # -- the operations -------------------------------------------------------------------------------
-ENCODE_ARRAYS = ("inputs", "context")
+async def _rows_operation(op: Operation, state: ServiceState, served: ServedModel, parsed: ParsedBody,
+                          deadline: float) -> tuple[dict[str, Any], int]:
+    """An operation on rows of its ``main_input`` (every one but ``sample``), from the table."""
+    params = _params(parsed, PARAMS[op.name], op.arrays)
+    rows = _main_rows(parsed, served, op.main_input, state.settings.max_rows)
+    c = _context(parsed, served, rows.shape[0])
+    out = await op.compute(state.worker, served, rows, c, deadline=deadline, **params.model_dump())
+    return _answer(served, **out), rows.shape[0]
 
 
-async def _log_prob(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
-    _params(parsed, EncodeParams, ENCODE_ARRAYS)
-    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
-    c = _context(parsed, served, x.shape[0])
-    out = await operations.log_prob(state.worker, served, x, c, deadline)
-    return _answer(served, log_prob=out["log_prob"]), x.shape[0]
-
-
-async def _inverse(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
-    _params(parsed, EncodeParams, ENCODE_ARRAYS)
-    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
-    c = _context(parsed, served, x.shape[0])
-    out = await operations.inverse(state.worker, served, x, c, deadline)
-    return _answer(served, **out), x.shape[0]
-
-
-async def _forward(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
-    _params(parsed, ForwardParams, ("latents", "context"))
-    z = _main_rows(parsed, served, "latents", state.settings.max_rows)
-    c = _context(parsed, served, z.shape[0])
-    out = await operations.forward(state.worker, served, z, c, deadline)
-    return _answer(served, **out), z.shape[0]
-
-
-async def _sample(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
+async def _sample(op: Operation, state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
     if parsed.array is not None:
         raise Problem(415, "unsupported-media-type",
                       "sample takes no .npy array: give n, seed, temperature, return_log_prob and return_latents as "
                       "query parameters with an empty body (e.g. POST .../sample?n=1000&seed=3), or a JSON body; "
                       "context rows may come as the 'context' array of an .npz body",
                       headers={"Accept-Post": f"{JSON}, {binary.NPZ}"})
-    p: SampleParams = _params(parsed, SampleParams, ("context",))
+    p: SampleParams = _params(parsed, PARAMS[op.name], op.arrays)
     limit = state.settings.max_samples
     if p.n > limit:
         where = "query" if "n" in parsed.query_fields else "body"
         raise Problem(413, "content-too-large", f"n is {p.n}; this server draws at most {limit} samples per request",
                       errors=[field_error((where, "n"), f"at most {limit}")])
     c = _context(parsed, served, p.n, broadcast=True)
-    out = await operations.sample(state.worker, served, p.n, p.seed, p.temperature, c, deadline)
+    out = await op.compute(state.worker, served, p.n, p.seed, p.temperature, c, deadline)
     answer = _answer(served, samples=out["samples"], seed=out["seed"])
     if p.return_log_prob:
         answer["log_prob"] = out["log_prob"]
@@ -168,43 +137,43 @@ async def _sample(state: ServiceState, served: ServedModel, parsed: ParsedBody, 
     return answer, p.n
 
 
-async def _score(state: ServiceState, served: ServedModel, parsed: ParsedBody, deadline: float):
-    p: ScoreParams = _params(parsed, ScoreParams, ENCODE_ARRAYS)
-    x = _main_rows(parsed, served, "inputs", state.settings.max_rows)
-    c = _context(parsed, served, x.shape[0])
-    out = await operations.score(state.worker, served, x, c, p.alpha, deadline)
-    return _answer(served, **out), x.shape[0]
-
-
 @dataclass(frozen=True)
 class Endpoint:
-    """One operation: its path suffix, how it runs, and what documents it."""
+    """One operation of :data:`service.serving.table.TABLE` as the v1 API serves it."""
 
-    name: str
-    run: Runner
-    response: type[BaseModel]
-    summary: str
-    description: str
+    op: Operation
+
+    @property
+    def name(self) -> str:
+        return self.op.name
 
     @property
     def main(self) -> str:
         """The answer's main array: what an ``application/x-npy`` answer holds."""
-        return binary.MAIN_FIELD[self.name]
+        return self.op.main_answer
+
+    @property
+    def response(self) -> type[BaseModel]:
+        return RESPONSE_MODELS[self.op.name]
+
+    @property
+    def summary(self) -> str:
+        return self.op.summary
+
+    @property
+    def description(self) -> str:
+        return self.op.description
+
+    async def run(self, state: ServiceState, served: ServedModel, parsed: ParsedBody,
+                  deadline: float) -> tuple[dict[str, Any], int]:
+        """Validate ``parsed`` for the operation, compute it, and give ``(answer, rows)``."""
+        if self.op.main_input is None:
+            return await _sample(self.op, state, served, parsed, deadline)
+        return await _rows_operation(self.op, state, served, parsed, deadline)
 
 
-ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("log_prob", _log_prob, LogProbResponse, "Log-density of rows",
-             "`log p(x)` of each row (natural log, in the data's own units)."),
-    Endpoint("inverse", _inverse, InverseResponse, "Map data to latents",
-             "`z = f⁻¹(x)` with `log_det`, `base_log_prob` and `log_prob == base_log_prob + log_det`."),
-    Endpoint("forward", _forward, ForwardResponse, "Map latents to data",
-             "`x = f(z)` and the log-density of each output."),
-    Endpoint("sample", _sample, SampleResponse, "Draw samples",
-             "`n` rows from the model; the same `seed` gives the same rows whatever the server is doing."),
-    Endpoint("score", _score, ScoreResponse, "Anomaly scores",
-             "`score = -log_prob` and the conformal p-value of each row against the model's held-out calibration "
-             "log-densities; `is_anomaly = p_value <= alpha`."),
-)
+#: the v1 endpoints: one per operation of the table, in its order
+ENDPOINTS: tuple[Endpoint, ...] = tuple(Endpoint(op) for op in TABLE)
 
 
 # -- error mapping and the handler ----------------------------------------------------------------
@@ -292,9 +261,6 @@ def _problem_responses() -> dict[int | str, dict[str, Any]]:
     return {status: {"description": text, "content": ref} for status, text in described.items()}
 
 
-#: the scalar fields of each operation (query parameters with a binary or empty body)
-PARAMS: dict[str, type[BaseModel]] = {"log_prob": EncodeParams, "inverse": EncodeParams, "forward": ForwardParams,
-                                      "sample": SampleParams, "score": ScoreParams}
 _BINARY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
 
 
@@ -312,15 +278,15 @@ def _query_parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
 
 
 def _binary_bodies(endpoint: Endpoint) -> dict[str, Any]:
-    if endpoint.name == "sample":
+    main = endpoint.op.main_input
+    if main is None:
         return {binary.NPZ: {**_BINARY_SCHEMA, "description": "an .npz with the array 'context'"}}
-    main = "latents" if endpoint.name == "forward" else "inputs"
     return {binary.NPY: {**_BINARY_SCHEMA, "description": f"the {main} rows as one 2-D .npy array"},
             binary.NPZ: {**_BINARY_SCHEMA, "description": f"an .npz with the arrays {main!r} and 'context'"}}
 
 
 def _register(endpoint: Endpoint) -> None:
-    extra = {"requestBody": {"required": endpoint.name != "sample", "content": {"application/json": {
+    extra = {"requestBody": {"required": endpoint.op.main_input is not None, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{REQUEST_MODELS[endpoint.name].__name__}"},
         "examples": request_examples(endpoint.name),
     }, **_binary_bodies(endpoint)}}, "parameters": _query_parameters(endpoint)}
@@ -331,7 +297,7 @@ def _register(endpoint: Endpoint) -> None:
                                       "application/x-npz.",
                        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
                  **_problem_responses()}
-    if endpoint.name != "score":
+    if not endpoint.op.needs_calibration:
         responses.pop(409)
     description = endpoint.description + (
         "\n\nNon-finite numbers in the answer (e.g. `-inf` log-densities far outside the support) are written "
