@@ -73,9 +73,14 @@ def test_server_metadata_and_health(tc: triton.InferenceServerClient, client: ht
 
 
 def test_model_metadata(tc: triton.InferenceServerClient) -> None:
-    outputs = [{"name": "log_prob", "datatype": "FP32", "shape": [-1]},
-               {"name": "latents", "datatype": "FP32", "shape": [-1, 2]},
-               {"name": "log_det", "datatype": "FP32", "shape": [-1]}]
+    plain = [{"name": "log_prob", "datatype": "FP32", "shape": [-1]},
+             {"name": "latents", "datatype": "FP32", "shape": [-1, 2]},
+             {"name": "log_det", "datatype": "FP32", "shape": [-1]}]
+    # models with a calibration set also give the score operation's fields
+    outputs = plain + [{"name": "score", "datatype": "FP32", "shape": [-1]},
+                       {"name": "p_value", "datatype": "FP64", "shape": [-1]},
+                       {"name": "is_anomaly", "datatype": "BOOL", "shape": [-1]},
+                       {"name": "threshold", "datatype": "FP64", "shape": [1]}]
     assert tc.get_model_metadata("moons") == {
         "name": "moons", "versions": ["1", "2"], "platform": "flowserve-zuko",
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}], "outputs": outputs}
@@ -84,6 +89,7 @@ def test_model_metadata(tc: triton.InferenceServerClient) -> None:
     assert cond["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]},
                               {"name": "context", "datatype": "FP32", "shape": [-1, 3]}]
     assert cond["outputs"] == outputs and cond["versions"] == ["1"]
+    assert tc.get_model_metadata("nocal")["outputs"] == plain
 
 
 def test_model_ready(tc: triton.InferenceServerClient, client: httpx.Client) -> None:
@@ -125,6 +131,80 @@ def test_latents_and_log_det_equal_v1(tc: triton.InferenceServerClient, client: 
     same(latents, expected["latents"], atol=1e-6)
     same(result.as_numpy("log_det"), expected["log_det"], atol=1e-6)
     same(result.as_numpy("log_prob"), expected["log_prob"])
+
+
+SCORE_OUTPUTS = ("log_prob", "score", "p_value", "is_anomaly", "threshold")
+
+
+def v1_score(client: httpx.Client, x: np.ndarray, context: np.ndarray | None = None, model: str = "moons",
+             alpha: float | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": x.tolist()}
+    if context is not None:
+        body["context"] = context.tolist()
+    if alpha is not None:
+        body["alpha"] = alpha
+    r = client.post(f"/v1/models/{model}/score", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_score_equals_v1(result: triton.InferResult, expected: dict[str, Any]) -> None:
+    same(result.as_numpy("log_prob"), expected["log_prob"])
+    same(result.as_numpy("score"), expected["score"])
+    p_value = result.as_numpy("p_value")
+    assert p_value.dtype == np.float64
+    np.testing.assert_array_equal(p_value, np.asarray(expected["p_value"]))  # a ratio of counts: exact
+    is_anomaly = result.as_numpy("is_anomaly")
+    assert is_anomaly.dtype == np.bool_
+    np.testing.assert_array_equal(is_anomaly, np.asarray(expected["is_anomaly"]))
+    threshold = result.as_numpy("threshold")
+    assert threshold.shape == (1,) and threshold.dtype == np.float64
+    same(threshold, [expected["threshold"]["log_prob"]])
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_score_outputs_equal_v1_score(tc: triton.InferenceServerClient, client: httpx.Client, binary: bool) -> None:
+    # one odd row far from the moons, so that at least one row is flagged
+    x = np.vstack([X, [[6.0, 6.0]]]).astype(np.float32)
+    result = tc.infer("moons", [tensor("x", x, binary)], outputs=wanted(*SCORE_OUTPUTS, binary=binary))
+    outputs = result.get_response()["outputs"]
+    assert [o["name"] for o in outputs] == list(SCORE_OUTPUTS)
+    assert [o["datatype"] for o in outputs] == ["FP32", "FP32", "FP64", "BOOL", "FP64"]
+    expected = v1_score(client, x)
+    assert any(expected["is_anomaly"]) and not all(expected["is_anomaly"])
+    assert_score_equals_v1(result, expected)
+
+
+def test_score_outputs_at_the_requested_alpha(tc: triton.InferenceServerClient, client: httpx.Client) -> None:
+    x = np.vstack([X, [[6.0, 6.0]]])
+    default = tc.infer("moons", [tensor("x", x)], outputs=wanted("threshold"))
+    result = tc.infer("moons", [tensor("x", x)], outputs=wanted(*SCORE_OUTPUTS), parameters={"alpha": 0.5})
+    expected = v1_score(client, x, alpha=0.5)
+    assert expected["threshold"]["alpha"] == 0.5
+    assert_score_equals_v1(result, expected)
+    assert result.as_numpy("threshold")[0] > default.as_numpy("threshold")[0]  # a larger alpha flags more
+    same(default.as_numpy("threshold"), [v1_score(client, x)["threshold"]["log_prob"]])
+
+
+def test_score_outputs_with_latents_and_context(tc: triton.InferenceServerClient, client: httpx.Client) -> None:
+    x = np.random.default_rng(3).normal(size=(5, 2)).astype(np.float32)
+    result = tc.infer("cond", [tensor("x", x, True), tensor("context", CTX.astype(np.float32), True)],
+                      outputs=wanted("latents", "p_value", "is_anomaly", binary=True))
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["latents", "p_value", "is_anomaly"]
+    expected = v1_score(client, x, CTX, model="cond")
+    np.testing.assert_array_equal(result.as_numpy("p_value"), np.asarray(expected["p_value"]))
+    np.testing.assert_array_equal(result.as_numpy("is_anomaly"), np.asarray(expected["is_anomaly"]))
+    same(result.as_numpy("latents"), v1(client, "/v1/models/cond/inverse", x, CTX)["latents"], atol=1e-6)
+
+
+def test_score_outputs_refused(tc: triton.InferenceServerClient) -> None:
+    x = tensor("x", X)
+    refused(lambda: tc.infer("nocal", [x], outputs=wanted("score")), 409, "has no calibration set")
+    refused(lambda: tc.infer("nocal", [x], outputs=wanted("log_prob", "is_anomaly")), 409,
+            "output 'is_anomaly': model 'nocal' version 1 has no calibration set")
+    for alpha in (0, 1, 1.5, "high", True):
+        refused(lambda: tc.infer("moons", [x], outputs=wanted("score"), parameters={"alpha": alpha}), 400,
+                "parameters.alpha must be a number in (0, 1)")
 
 
 def test_no_outputs_named_gives_log_prob_in_binary(tc: triton.InferenceServerClient, client: httpx.Client) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
     "InferRequest",
+    "OUTPUT_DATATYPES",
     "RequestedOutput",
     "Tensor",
     "V2Error",
@@ -58,6 +59,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_EXTENSION = "binary_tensor_data"
 #: the datatypes flowserve models take and give, and their little-endian numpy dtypes
 DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+#: the datatypes of answers: those, and BOOL (``is_anomaly``: one byte per element, 0 or 1)
+OUTPUT_DATATYPES: dict[str, np.dtype] = {**DATATYPES, "BOOL": np.dtype("?")}
 #: every datatype the protocol defines (others are not datatypes at all)
 KNOWN_DATATYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                              "FP16", "FP32", "FP64", "BF16", "BYTES"})
@@ -126,9 +129,9 @@ class InferRequest:
 
 
 def datatype_of(dtype: np.dtype | str) -> str:
-    """``FP32`` for float32, ``FP64`` for float64."""
+    """``FP32`` for float32, ``FP64`` for float64, ``BOOL`` for bool."""
     kind = np.dtype(dtype)
-    for name, dt in DATATYPES.items():
+    for name, dt in OUTPUT_DATATYPES.items():
         if kind == dt or kind == dt.newbyteorder("="):
             return name
     raise ValueError(f"no protocol datatype for {kind}")
@@ -370,7 +373,7 @@ def encode_infer_response(model_name: str, model_version: int | str, request_id:
         datatype = datatype_of(array.dtype)
         tensor: dict[str, Any] = {"name": requested.name, "datatype": datatype, "shape": list(array.shape)}
         if requested.binary:
-            raw = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
+            raw = np.ascontiguousarray(array, dtype=OUTPUT_DATATYPES[datatype]).tobytes()
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:

@@ -14,9 +14,15 @@ the ``/v2/models`` routes need one (as ``/v1/models``); ``/v2`` and its health r
 
 A model takes input ``x`` (``[-1, D]``, FP32 or FP64; its metadata names the model's own dtype)
 and, when conditional, ``context`` (``[-1, C]``); it gives ``log_prob`` ``[-1]`` and, when asked
-for in ``outputs``, ``latents`` ``[-1, D]`` and ``log_det`` ``[-1]`` (all in the model's dtype).
-A request that names no outputs gets ``log_prob`` only. Every answer is the encode pass of
-:mod:`service.serving.operations`, so these rows share batches with ``/v1``'s and give the same numbers.
+for in ``outputs``, ``latents`` ``[-1, D]`` and ``log_det`` ``[-1]`` (all in the model's dtype,
+the fields of the ``inverse`` operation of :data:`service.serving.table.TABLE`). A model with a
+calibration set also gives the ``score`` operation's fields: ``score`` ``[-1]`` (model dtype),
+``p_value`` ``[-1]`` (FP64), ``is_anomaly`` ``[-1]`` (BOOL) and ``threshold`` ``[1]`` (FP64, the
+log-density below which rows are flagged), at the significance level of the request's
+``parameters.alpha`` (default: the model's ``anomaly_alpha``); asked of a model without one they
+answer 409. A request that names no outputs gets ``log_prob`` only. Every answer is the encode
+pass of :mod:`service.serving.operations` (``inverse`` and, for the score outputs, ``score``; both
+when both kinds are asked for), so these rows share batches with ``/v1``'s and give the same numbers.
 
 Errors are ``{"error": "..."}`` (never problem+json): the routes here use :class:`V2Route`, which
 turns every exception of a handler (and of its dependencies) into that shape, and the catch-all
@@ -44,6 +50,7 @@ from starlette.routing import Match
 from service.serving import operations
 from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from service.serving.registry import ServedModel
+from service.serving.table import INVERSE, LOG_PROB, SCORE, Operation
 from service.http.auth import require_api_key
 from service.http.codecs.bodies import read_body
 from service.http.problems import Problem
@@ -62,15 +69,24 @@ from service.http.codecs.v2_protocol import (
     parse_infer_request,
 )
 
-__all__ = ["OUTPUTS", "PLATFORM", "V2Route", "router"]
+__all__ = ["OUTPUTS", "OUTPUT_OPERATIONS", "PLATFORM", "SCORE_OUTPUTS", "V2Route", "router"]
 
 log = logging.getLogger("flowserve.api")
 
 #: the model metadata's ``platform``
 PLATFORM = "flowserve-zuko"
-#: the outputs a model gives, in metadata order; those a request gets when it names none
-OUTPUTS = ("log_prob", "latents", "log_det")
+#: output -> the operation of the table whose field it is, in metadata order
+OUTPUT_OPERATIONS: dict[str, Operation] = {"log_prob": LOG_PROB, "latents": INVERSE, "log_det": INVERSE,
+                                           "score": SCORE, "p_value": SCORE, "is_anomaly": SCORE,
+                                           "threshold": SCORE}
+#: the outputs every model gives, in metadata order
+OUTPUTS = tuple(name for name, op in OUTPUT_OPERATIONS.items() if not op.needs_calibration)
+#: the outputs a model with a calibration set gives besides
+SCORE_OUTPUTS = tuple(name for name, op in OUTPUT_OPERATIONS.items() if op.needs_calibration)
+#: those a request gets when it names none
 DEFAULT_OUTPUTS = ("log_prob",)
+#: the request parameter that sets the score outputs' significance level
+ALPHA = "alpha"
 #: the input names
 X, CONTEXT = "x", "context"
 
@@ -162,9 +178,18 @@ def model_metadata(served: ServedModel, versions: list[int]) -> dict[str, Any]:
     inputs = [_tensor(X, datatype, -1, served.features)]
     if served.context_features:
         inputs.append(_tensor(CONTEXT, datatype, -1, served.context_features))
-    shapes = {"log_prob": (-1,), "latents": (-1, served.features), "log_det": (-1,)}
+    shapes = {"log_prob": (-1,), "latents": (-1, served.features), "log_det": (-1,), "score": (-1,),
+              "p_value": (-1,), "is_anomaly": (-1,), "threshold": (1,)}
+    datatypes = {"p_value": "FP64", "is_anomaly": "BOOL", "threshold": "FP64"}
+    names = model_outputs(served)
     return {"name": served.name, "versions": [str(v) for v in versions], "platform": PLATFORM,
-            "inputs": inputs, "outputs": [_tensor(name, datatype, *shapes[name]) for name in OUTPUTS]}
+            "inputs": inputs,
+            "outputs": [_tensor(name, datatypes.get(name, datatype), *shapes[name]) for name in names]}
+
+
+def model_outputs(served: ServedModel) -> tuple[str, ...]:
+    """The outputs ``served`` gives: the score outputs too when it has a calibration set."""
+    return OUTPUTS + (SCORE_OUTPUTS if served.calibration is not None else ())
 
 
 async def _metadata(request: Request, name: str, version: str | None) -> Response:
@@ -248,11 +273,40 @@ def requested_outputs(request: InferRequest, served: ServedModel) -> list[Reques
     """The outputs to send, in the order asked (``log_prob`` alone when the request names none)."""
     if request.outputs is None:
         return [RequestedOutput(name, request.binary_output) for name in DEFAULT_OUTPUTS]
+    names = model_outputs(served)
     for output in request.outputs:
-        if output.name not in OUTPUTS:
+        if output.name in SCORE_OUTPUTS and output.name not in names:
+            raise V2Error(409, f"output {output.name!r}: model {served.name!r} version {served.version} has no "
+                          "calibration set, so it cannot score; ask for log_prob instead")
+        if output.name not in names:
             raise bad(f"unexpected inference output {output.name!r} for model {served.name!r}; "
-                      f"its outputs are {list(OUTPUTS)}")
+                      f"its outputs are {list(names)}")
     return list(request.outputs)
+
+
+def requested_alpha(request: InferRequest) -> float | None:
+    """``parameters.alpha`` of ``request``: a number in (0, 1), or ``None`` (the model's default)."""
+    alpha = request.parameters.get(ALPHA)
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+        raise bad(f"parameters.{ALPHA} must be a number in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+async def compute_outputs(state: ServiceState, served: ServedModel, x: np.ndarray, context: np.ndarray | None,
+                          outputs: list[RequestedOutput], alpha: float | None,
+                          deadline: float) -> dict[str, np.ndarray]:
+    """The arrays of ``outputs``, from the table's operations they belong to (module docstring)."""
+    wanted = {OUTPUT_OPERATIONS[o.name] for o in outputs}
+    arrays: dict[str, np.ndarray] = {}
+    if SCORE in wanted:
+        out = await SCORE.compute(state.worker, served, x, context, alpha=alpha, deadline=deadline)
+        arrays.update({name: out[name] for name in SCORE.answer_fields})
+        arrays["threshold"] = np.array([out["threshold"]["log_prob"]], dtype=np.float64)
+    if not arrays or INVERSE in wanted:
+        arrays.update(await INVERSE.compute(state.worker, served, x, context, deadline=deadline))
+    return arrays
 
 
 def _batching_error(exc: Exception, state: ServiceState) -> V2Error | None:
@@ -268,6 +322,8 @@ def _batching_error(exc: Exception, state: ServiceState) -> V2Error | None:
         return V2Error(504, "the request's deadline passed before its rows were computed; they were not computed")
     if isinstance(exc, ComputeError):
         return V2Error(500, f"the model failed to compute these rows: {exc}")
+    if isinstance(exc, operations.NoCalibration):
+        return V2Error(409, str(exc))
     if isinstance(exc, ValueError):  # OperationError: arrays that do not fit (checked above already)
         return bad(str(exc))
     return None
@@ -289,15 +345,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             parsed = await _read_request(request, state.settings.max_body_bytes)
             x, context = bind_inputs(parsed, served, state.settings.max_rows)
             outputs = requested_outputs(parsed, served)
+            alpha = requested_alpha(parsed)
             deadline = start + state.settings.request_timeout_s
             if parsed.timeout_us:  # Triton's per-request timeout, in microseconds
                 deadline = min(deadline, start + parsed.timeout_us / 1e6)
-            result = await operations.inverse(state.worker, served, x, context, deadline)
+            arrays = await compute_outputs(state, served, x, context, outputs, alpha, deadline)
         except Exception as exc:
             error = _batching_error(exc, state) or error_from(exc)
             record.status = error.status
             raise error from exc
-        arrays = {"log_prob": result["log_prob"], "latents": result["latents"], "log_det": result["log_det"]}
         body, headers = encode_infer_response(served.name, served.version, parsed.id,
                                               [(o, arrays[o.name]) for o in outputs])
         record.status, record.rows = 200, int(x.shape[0])
@@ -307,8 +363,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 
 _INFER_DOC = ("Inputs `x` `[B, D]` (and `context` `[B, C]` for conditional models), FP32 or FP64, as JSON `data` "
               "or binary after the JSON (`Inference-Header-Content-Length`, `parameters.binary_data_size`). "
-              "Outputs `log_prob` `[B]` (default), `latents` `[B, D]`, `log_det` `[B]`, as JSON or binary "
-              "(`parameters.binary_data`, `parameters.binary_data_output`).")
+              "Outputs `log_prob` `[B]` (default), `latents` `[B, D]`, `log_det` `[B]`, and for models with a "
+              "calibration set `score` `[B]`, `p_value` `[B]` (FP64), `is_anomaly` `[B]` (BOOL) and `threshold` "
+              "`[1]` (FP64) at the request's `parameters.alpha` (default: the model's `anomaly_alpha`), as JSON or "
+              "binary (`parameters.binary_data`, `parameters.binary_data_output`).")
 
 
 #: the body (required) and the answers of infer, for the OpenAPI document; the handler reads the body itself
@@ -327,6 +385,8 @@ _INFER_ANSWERS: dict[int | str, dict[str, Any]] = {
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2InferResponse"}},
                       "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
     415: {"description": "Unsupported `Content-Encoding` (`{\"error\": \"...\"}`, application/json)."},
+    409: {"description": "A score output (`score`, `p_value`, `is_anomaly`, `threshold`) of a model without a "
+                         "calibration set (`{\"error\": \"...\"}`, application/json)."},
     **_ERRORS,
 }
 
