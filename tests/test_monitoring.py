@@ -266,3 +266,25 @@ def test_http_drift_moves_on_shifted_moons(moons_server: ServerProcess) -> None:
         assert _one(after, "flowserve_drift_ks") > 0.5
         card = client.get("/v1/models/moons").json()["drift"]
         assert card["status"] == "ok" and card["p_value"] == pytest.approx(p_value)
+
+
+def test_each_app_exposes_only_the_models_it_serves() -> None:
+    from service.model.repository import ModelRepository
+    from service.serving.metrics import Metrics
+    from service.serving.monitoring import observe
+    from service.serving.registry import ModelRegistry
+
+    apps = []
+    for _ in range(2):
+        registry = ModelRegistry(ModelRepository(DEFAULT_MODELS), "cpu", ["moons"], trace=False, cuda_graphs=False)
+        registry.plan()
+        registry.load_all()
+        metrics = Metrics(CollectorRegistry())
+        metrics.monitors.watch(registry)
+        apps.append((metrics, registry))
+    (ma, ra), (mb, rb) = apps
+    assert _one(ma.render().decode(), "flowserve_anomaly_rows_total", flagged="true") == 0  # series from the start
+    observe(ra.get("moons"), np.zeros(5), np.ones(5, bool))
+    assert _one(ma.render().decode(), "flowserve_anomaly_rows_total", flagged="true") == 5
+    assert _one(mb.render().decode(), "flowserve_anomaly_rows_total", flagged="true") == 0
+    assert _one(ma.render().decode(), "flowserve_log_prob_count") == 5

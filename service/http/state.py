@@ -53,6 +53,7 @@ class ServiceState:
         worker = DeviceWorker(device, config, observer=self.metrics)
         worker.start()
         self.worker, self.registry = worker, registry
+        self.metrics.monitors.watch(registry)  # per-model flag counts, log-density histogram, drift
         log.info("serving %s from %s on %s", names or "no models", s.model_dir, device)
         self._loading = asyncio.ensure_future(asyncio.to_thread(registry.load_all))
         self._loading.add_done_callback(self._loaded)

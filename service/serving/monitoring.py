@@ -27,8 +27,10 @@ were: the inputs moved (covariate shift) or the model no longer fits them. The r
 are treated as independent; a client that sends many copies of one row makes it look like drift.
 
 The monitors are attached to their :class:`ServedModel` objects through a weak map (the dataclass
-is frozen), so a version's monitor goes when the version is unloaded; :class:`MonitorCollector`
-exposes every live monitor of the process (one app per process is how flowserve runs).
+is frozen), so a version's monitor goes when the version is unloaded. Each app's
+:class:`MonitorCollector` watches that app's :class:`~service.serving.registry.ModelRegistry` and
+exposes the monitors of the versions it serves now, and no other app's: every loaded version has
+its series from the start (zero counts), and a version gone in a reload leaves the exposition.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from service.serving.registry import ServedModel
+    from service.serving.registry import ModelRegistry, ServedModel
 
 __all__ = ["FALLBACK_BUCKETS", "FEW_ROWS", "MIN_ROWS", "ModelMonitor", "MonitorCollector", "QUANTILE_LEVELS",
            "RECOMPUTE_ROWS", "RECOMPUTE_SECONDS", "WINDOW_ROWS", "kolmogorov_sf", "ks_two_sample",
-           "live_monitors", "monitor_of", "observe"]
+           "monitor_of", "observe"]
 
 log = logging.getLogger("flowserve.monitoring")
 
@@ -314,12 +316,6 @@ def observe(served: "ServedModel", log_prob: np.ndarray, flagged: np.ndarray | N
         log.exception("monitoring model %r version %s failed", served.name, served.version)
 
 
-def live_monitors() -> list[ModelMonitor]:
-    """Every monitor of a model version still loaded (or still answering a request)."""
-    with _attach:
-        return list(_monitors.values())
-
-
 # -- Prometheus exposition ------------------------------------------------------------------------
 class MonitorCollector(Collector):
     """The monitors' metrics, built at scrape time from their numpy state.
@@ -335,8 +331,21 @@ class MonitorCollector(Collector):
     log-density), so they are added here; ``_sum`` may go down, so read it as a gauge-like sum.
     """
 
-    def __init__(self, source: "Iterable[ModelMonitor] | None" = None) -> None:
-        self._source = source
+    def __init__(self, monitors: Iterable[ModelMonitor] | None = None) -> None:
+        self._fixed = None if monitors is None else list(monitors)
+        self._registry: ModelRegistry | None = None
+
+    def watch(self, registry: "ModelRegistry") -> None:
+        """Expose the monitors of the versions ``registry`` serves (the app's, at its start)."""
+        self._registry = registry
+
+    def monitors(self) -> list[ModelMonitor]:
+        """The monitors given, or those of every version the watched registry serves now."""
+        if self._fixed is not None:
+            return self._fixed
+        if self._registry is None:
+            return []
+        return [monitor_of(served) for entry in self._registry.entries() for served in entry.versions.values()]
 
     def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily, GaugeMetricFamily,
                                  GaugeMetricFamily, GaugeMetricFamily]:
@@ -358,8 +367,7 @@ class MonitorCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         rows, hist, ks, p, window = self._families()
-        monitors = list(self._source) if self._source is not None else live_monitors()
-        for m in sorted(monitors, key=lambda m: (m.name, m.version)):
+        for m in sorted(self.monitors(), key=lambda m: (m.name, int(m.version) if m.version.isdigit() else 0)):
             m.refresh()
             labels = [m.name, m.version]
             rows.add_metric(labels + ["true"], m.flagged)
