@@ -168,7 +168,7 @@ def test_refused_up_front_when_its_own_rows_cannot_finish_before_the_deadline() 
         worker = DeviceWorker("cpu", BatchingConfig(max_batch_rows=512))
         worker.start()
         try:
-            # nothing measured yet: admitted even with a deadline it will not make (then 504 between chunks)
+            # nothing measured yet: admitted (the next test: stopped between chunks once the rate says it cannot finish)
             assert worker.rows_per_second("m", Pass.ENCODE) is None
             await worker.submit("m", model, Pass.ENCODE, marked(2048, 0.5, 6))
             rate = worker.rows_per_second("m", Pass.ENCODE)
@@ -195,6 +195,30 @@ def test_refused_up_front_when_its_own_rows_cannot_finish_before_the_deadline() 
             assert one["log_prob"].shape == (1,)
             assert not ahead.done()  # the single row was answered while the big job still ran
             ahead.cancel()
+        finally:
+            worker.stop(drain=False, timeout=10)
+
+    run(main())
+
+
+def test_admitted_before_a_rate_was_known_stops_once_it_cannot_finish() -> None:
+    """A job admitted on a fresh worker (no rate yet) whose deadline turns out too short is answered
+    :class:`WontFinish` between its chunks as soon as the measured rate says so, not computed until
+    its deadline and then dropped."""
+    async def main() -> None:
+        model = Recording(make_model(), seconds_per_row=2e-4)  # at most 5,000 rows/s: 20,000 rows >= 4 s
+        worker = DeviceWorker("cpu", BatchingConfig(max_batch_rows=512))
+        worker.start()
+        try:
+            assert worker.rows_per_second("m", Pass.ENCODE) is None
+            started = time.monotonic()
+            with pytest.raises(WontFinish) as late:
+                await worker.submit("m", model, Pass.ENCODE, marked(20_000, 0.5, 11), deadline=started + 2.0)
+            elapsed = time.monotonic() - started
+            computed = sum(len(c) for c in model.calls)
+            assert elapsed < 2.0, f"answered after {elapsed:.2f} s, at or past the deadline"
+            assert 0 < computed < 20_000 and late.value.rows == 20_000 - computed
+            assert "rows/s" in str(late.value) and worker.queued_rows() == 0
         finally:
             worker.stop(drain=False, timeout=10)
 

@@ -258,6 +258,21 @@ class DeviceWorker:
             ahead += max(bulk, self._batch_seconds.get((k, p), 0.0))
         return ahead
 
+    def _cannot_finish(self, job: Job, now: float) -> WontFinish | None:
+        """For a job cut into chunks, between its chunks: :class:`WontFinish` when even the best
+        measured rate cannot start its last rows before the deadline (it was admitted before a rate
+        was known, or the machine slowed down), so no more of it is computed in vain; else ``None``.
+        A chunk that starts before the deadline is let finish, hence the one slice of slack."""
+        if job.deadline is None:
+            return None
+        rate = self._rates.get((job.key, job.pass_))
+        left = job.n - job.done_rows
+        seconds = None if rate is None else rate.seconds_for(left)
+        budget = job.deadline - now
+        if seconds is None or seconds <= budget + self._config.max_batch_ms / 1000.0:
+            return None
+        return WontFinish(left, seconds, rate.rows_per_second, budget)  # type: ignore[union-attr, arg-type]
+
     def _admit(self, key: Hashable, pass_: Pass, n: int, deadline: float | None, now: float) -> None:
         """Refuse ``n`` new rows of (key, pass) at once, or return (lock held; module docstring)."""
         if not self._accepting:
@@ -643,6 +658,9 @@ class DeviceWorker:
                 elif job.expired(now):
                     self._close(job)
                     answers.append((job, DeadlineExceeded("the deadline passed before the rest of its rows ran")))
+                elif (late := self._cannot_finish(job, now)) is not None:
+                    self._close(job)  # stop now rather than compute until the deadline and drop it all
+                    answers.append((job, late))
                 elif job.taken < job.n:
                     self._to_tail(job, now)
         for job in finished:
