@@ -1,13 +1,16 @@
 """CUDA graphs for small batches: one captured graph per (pass, bucket of rows), replayed.
 
 Why: a flow's pass is hundreds of small kernels. On a GPU each launch costs the CPU several
-microseconds, so a one-row ``log_prob`` on an H200 took about 6 ms whatever the batch size
-(``bench/results/2026-11-28-cuda.md``, before graphs): the device idles while the CPU launches.
-A CUDA graph records the launches once and replays them with one call.
+microseconds, so on an H200, before graphs, one-row ``log_prob`` requests took 5.9 ms (p50, 163
+requests/s at concurrency 1) whatever the model: the device idles while the CPU launches. A CUDA
+graph records the launches once and replays them with one call (``bench/FINDINGS.md``, section 10,
+has the figures of both runs; that first run's report was replaced in ``bench/results`` by the run
+with graphs, ``2026-11-28-cuda.md``).
 
-How: batches of up to ``max_rows`` rows are padded to the next power of two (a *bucket*, as
-DESIGN.md suggests); the first batch of each (pass, bucket) captures the wrapped runner's pass on
-static input buffers (after warm-up runs on a side stream, as :func:`torch.cuda.graph` requires),
+How: batches of up to ``max_rows`` rows are padded to the next power of two (a *bucket*: one
+graph per power of two up to ``max_rows``, and padding is under half of any replayed batch); the
+first batch of each (pass, bucket) captures the wrapped runner's pass on static input buffers
+(after warm-up runs on a side stream, as :func:`torch.cuda.graph` requires),
 then every batch of that bucket copies its rows into the buffers, zero-fills the padding rows
 (rows are independent: padding changes a real row's result only by float round-off) and replays. All graphs of a
 model share one memory pool. Each capture is *checked* on the batch that triggered it: the replayed

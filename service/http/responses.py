@@ -1,10 +1,12 @@
-"""Encoding answers: numpy-aware JSON with orjson.
+"""JSON answers: numpy-aware JSON with orjson (:func:`dumps`, :class:`NumpyJSONResponse`).
 
 Arrays are written straight from numpy (``OPT_SERIALIZE_NUMPY``) in the model's dtype, so a
 float32 model answers float32's shortest round-tripping decimals. The output is strict JSON:
 orjson writes every non-finite float (NaN, +inf, -inf, e.g. the ``log_prob`` of a point far outside
-the model's support) as ``null``. An ``Accept``-negotiated binary encoder (``application/x-npy``)
-can be added beside :class:`NumpyJSONResponse` without touching the operations.
+the model's support) as ``null``. Used by the v1 routes' JSON answers and by the Open Inference
+Protocol's (:mod:`service.http.codecs.v2_protocol`). The binary answers, ``.npy`` and ``.npz``, are
+:mod:`service.http.codecs.binary`'s; which one a request gets is :mod:`service.http.codecs.negotiation`'s
+choice from its ``Accept`` header.
 """
 
 from __future__ import annotations

@@ -1,4 +1,13 @@
-"""The v1 routes, one module per area: health and metrics, the model catalogue, the operations."""
+"""The FastAPI routes, one module per area; :func:`service.http.app.create_app` includes their routers.
+
+- :mod:`~service.http.routes.health`: ``/healthz``, ``/readyz`` and ``/metrics``.
+- :mod:`~service.http.routes.models`: the catalogue, ``/v1/models`` and a model's card and versions.
+- :mod:`~service.http.routes.operations`: the five operations under ``/v1/models/{name}``; their
+  ``POST`` requests are answered by :mod:`service.http.router` (the fast router, which calls the
+  same handler) before FastAPI sees them, so these routes serve ``/docs`` and ``/openapi.json``.
+- :mod:`~service.http.routes.admin`: ``/v1/admin/models/{name}/load``, ``/reload``, ``/unload``.
+- :mod:`~service.http.routes.v2`: the Open Inference Protocol (KServe v2) under ``/v2``.
+"""
 
 from service.http.routes import health, models, operations
 
