@@ -17,10 +17,12 @@ it flagged at the request's alpha. The monitor keeps, in numpy and in O(rows) pe
   for ever); a NaN log-density counts as :math:`-\infty`, as in the conformal p-value;
 - a sliding window of the last :data:`WINDOW_ROWS` log-densities (a ring buffer) and the drift
   statistic: the two-sample Kolmogorov-Smirnov test of the window against the calibration
-  log-densities (:func:`ks_two_sample`), recomputed on the request path at most every
-  :data:`RECOMPUTE_ROWS` new rows or :data:`RECOMPUTE_SECONDS` seconds, and on a scrape or card
-  read when rows came since the last one; only once the window holds :data:`MIN_ROWS` rows (until
-  then the card says ``"not enough data"`` and the drift gauges are absent).
+  log-densities (:func:`ks_two_sample`, :math:`O((W + m)\log)` for a window of :math:`W` and
+  :math:`m \le 10^4` calibration rows). The request path recomputes it once :data:`RECOMPUTE_ROWS`
+  rows came or :data:`RECOMPUTE_SECONDS` passed since the last time (so one-row requests pay for it
+  once per 100 rows), and a scrape or card read does when any row came since; only once the window
+  holds :data:`MIN_ROWS` rows (until then the card says ``"not enough data"`` and the drift gauges
+  are absent).
 
 A low p-value says the recent inputs' log-densities are not distributed as the held-out data's
 were: the inputs moved (covariate shift) or the model no longer fits them. The rows of one window
