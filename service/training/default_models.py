@@ -3,7 +3,8 @@
 ``python -m service.training.default_models --model-dir models`` (``make models``) trains
 
 - ``moons``: 2-D, scikit-learn's ``make_moons`` (3,000 rows, noise 0.08);
-- ``digits``: 64-D, scikit-learn's ``load_digits`` (8×8 images, pixel values 0..16), dequantized;
+- ``digits``: 64-D, scikit-learn's ``load_digits`` (8×8 images, pixel values 0..16), dequantized and
+  bounded to the open interval (0, 17) (the logit preprocessing of :mod:`service.model.density`);
 - ``digits-cond``: the same pixels conditioned on the one-hot digit label (``label_0 .. label_9``),
   so that sampling with a context row draws images of the chosen digit.
 
@@ -72,24 +73,29 @@ class DefaultModel:
     dequantize: bool = False
     description: str = ""
     alpha: float = 0.01
+    bounds: tuple[float, float] | None = None  # (LOW, HIGH) for every feature, as ``--bounds LOW:HIGH``
 
 
 _DIGITS_CONFIG = dict(flow="nsf", transforms=4, hidden_features=[32, 32], bins=8, epochs=300,
-                      max_minutes=5.0, batch_size=128, lr=1e-3, patience=30, seed=0)
+                      max_minutes=5.0, batch_size=128, lr=1e-3, patience=30, seed=0,
+                      robust=False)  # clean data: plain maximum likelihood, as these models were trained
+
+#: dequantized pixels x + u, x in 0..16, u ~ U(0, 1), lie in [0, 17): the open interval (0, 17)
+DIGITS_BOUNDS = (0.0, 17.0)
 
 DEFAULT_MODELS: dict[str, DefaultModel] = {
     "moons": DefaultModel(
         "moons", moons_data,
         TrainConfig(flow="nsf", transforms=4, hidden_features=[64, 64], bins=8, epochs=150,
-                    max_minutes=5.0, batch_size=256, lr=1e-3, patience=30, seed=0),
+                    max_minutes=5.0, batch_size=256, lr=1e-3, patience=30, seed=0, robust=False),
         description="Two interleaving half circles (sklearn make_moons, 3,000 rows, noise 0.08).",
     ),
     "digits": DefaultModel(
-        "digits", digits_data, TrainConfig(**_DIGITS_CONFIG), dequantize=True,
-        description="8x8 handwritten digit images (sklearn load_digits), 64 dequantized pixels (0..17).",
+        "digits", digits_data, TrainConfig(**_DIGITS_CONFIG), dequantize=True, bounds=DIGITS_BOUNDS,
+        description="8x8 handwritten digit images (sklearn load_digits), 64 dequantized pixels, bounded to (0, 17).",
     ),
     "digits-cond": DefaultModel(
-        "digits-cond", digits_cond_data, TrainConfig(**_DIGITS_CONFIG), dequantize=True,
+        "digits-cond", digits_cond_data, TrainConfig(**_DIGITS_CONFIG), dequantize=True, bounds=DIGITS_BOUNDS,
         description="8x8 digit images conditioned on the one-hot digit label: sample with a context "
         "row label_0..label_9 to draw the chosen digit.",
     ),
@@ -99,14 +105,20 @@ DEFAULT_MODELS: dict[str, DefaultModel] = {
 def train_default(name: str, model_dir: Path | str, progress: bool = True) -> Path:
     """Train default model ``name`` and write its next version under ``model_dir``."""
     spec = DEFAULT_MODELS[name]
+    data = spec.data()
+    bounds = None
+    if spec.bounds is not None:
+        d = data.x.shape[1]
+        bounds = (np.full(d, spec.bounds[0]), np.full(d, spec.bounds[1]))
 
     def report(row: dict[str, float]) -> None:
         if progress and (row["epoch"] % 25 == 0 or row["epoch"] == 1):
             print(f"  {name}: epoch {int(row['epoch'])} val_nll {row['val_nll']:.4f}", file=sys.stderr, flush=True)
 
     return train_and_save(
-        spec.data(), name, model_dir, spec.config,
+        data, name, model_dir, spec.config,
         dequantize_data=spec.dequantize, alpha=spec.alpha, description=spec.description, on_epoch=report,
+        bounds=bounds,
     )
 
 
