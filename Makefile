@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup system-deps run test models bench clean cluster
+.PHONY: setup system-deps run test models bench anomaly-bench clean cluster
 
 # torch first, at the pinned CPU build, so that no dependency pulls a CUDA build; then the Python client
 # (clients/python, its own distribution: the CLI's --url mode and the tests use it), then the service.
@@ -48,6 +48,13 @@ bench: setup
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install --quiet -e '.[dev,bench]'
 	@test -d models/moons -a -d models/digits || $(MAKE) models
 	$(PY) -m bench $(BENCH_ARGS)
+
+# `make anomaly-bench`: flowserve beside PyOD's detectors on small offline anomaly sets (bench/anomaly,
+# ~15 min on 2 cores; ANOMALY_ARGS="--seeds 2 --sets iris" for a smoke run).
+ANOMALY_ARGS ?= --sets breast-cancer,wine,iris,moons --seeds 10
+anomaly-bench: setup
+	@$(PY) -c "import pyod" 2>/dev/null || $(PIP) install --quiet -e '.[dev,bench]'
+	$(PY) -m bench.anomaly $(ANOMALY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""ADBench-style anomaly benchmark: flowserve beside PyOD on small offline tabular sets (`make anomaly-bench`)."""
