@@ -17,10 +17,14 @@ refused before a byte is read, and a body streamed without one is counted as it 
 Where parsing runs: a parser registered with ``off_loop=True`` (the binary ones) runs in a worker
 thread (:func:`asyncio.to_thread`) for bodies of :data:`OFF_LOOP_BYTES` or more, or always where it
 says so (``.npz``: a small body may inflate to the whole limit), so the event loop keeps answering
-(``/healthz``) meanwhile: numpy's copies, zlib's inflate and CRC release the GIL. JSON stays on the
-loop: orjson holds the GIL for the whole of one ``loads`` call (it builds Python objects), so a
-thread would not free the loop (measured: a 62 MB body parsed in a thread stopped the main thread
-for the whole 9.9 s parse; see the report of issue 9, item 4(c)).
+(``/healthz``) meanwhile: numpy's copies, zlib's inflate and CRC release the GIL. JSON bodies of
+:data:`OFF_LOOP_BYTES` or more are parsed in a worker thread too, in pieces
+(:mod:`service.http.codecs.json_pieces`): orjson holds the GIL for the whole of one ``loads``
+call, so one call over a big body would stop the loop for the whole parse (measured: 62 MB, 9.9 s)
+however it was run, whereas between pieces the GIL passes to the loop. The rows of ``inputs``,
+``latents`` and ``context`` then come as float64 arrays where they are plain rows of numbers (as
+a ``.npz`` body's do), and as lists otherwise, so the row checks name what is wrong as before.
+Smaller JSON bodies keep one ``orjson.loads`` on the loop.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from service.http.codecs import json_pieces
 from service.http.problems import Problem, field_error
 
 __all__ = ["JSON", "ParsedBody", "Parser", "media_type", "parse_body", "query_fields", "read_body", "register_parser"]
@@ -56,10 +61,18 @@ class ParsedBody:
 Parser = Callable[[bytes, Request], ParsedBody]
 
 
+#: the top-level fields whose rows a big JSON body gives as a float64 array (where they are rows of numbers)
+ROWS_FIELDS = frozenset({"inputs", "latents", "context"})
+
+
 def parse_json(body: bytes, request: Request) -> ParsedBody:
-    """A JSON object (strict JSON: no NaN, no Infinity, no comments) parsed by orjson."""
+    """A JSON object (strict JSON: no NaN, no Infinity, no comments) parsed by orjson.
+
+    Bodies of :data:`OFF_LOOP_BYTES` or more are parsed in pieces (:func:`json_pieces.loads`: the
+    same value and the same errors, the rows of :data:`ROWS_FIELDS` as arrays where clean).
+    """
     try:
-        value = orjson.loads(body)
+        value = json_pieces.loads(body, ROWS_FIELDS) if len(body) >= OFF_LOOP_BYTES else orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise Problem(400, "malformed-json", f"the body is not valid JSON: {e}",
                       errors=[field_error(("body",), str(e))]) from None
@@ -78,6 +91,9 @@ OFF_LOOP: dict[str, int] = {}
 #: costs ~0.1 ms, while copying and checking 1 MiB of numbers costs about as much, and the loop
 #: then never stalls for more than a small body's parse
 OFF_LOOP_BYTES = 1 << 20
+#: JSON: parsed in pieces in a worker thread from the same size (below it, one orjson call on the
+#: loop: ~10 ms at most for 1 MiB, and no thread hop for the usual small bodies)
+OFF_LOOP[JSON] = OFF_LOOP_BYTES
 
 
 def register_parser(media: str, parser: Parser, *, off_loop: bool = False, always_off_loop: bool = False) -> None:

@@ -1,0 +1,301 @@
+"""Parsing a large JSON body in pieces, so that the GIL is free between them.
+
+orjson holds the GIL for the whole of one ``loads`` call (it builds Python objects as it goes), so
+parsing a 100 MB body in a worker thread still stops the event loop for the whole parse. Here the
+big arrays of a body are cut into pieces of about :data:`PIECE_BYTES` at their own commas and each
+piece is parsed with its own ``orjson.loads``: between two calls the worker runs Python bytecode,
+where the interpreter hands the GIL to a thread that has waited for its switch interval (5 ms), so
+the loop waits at most one piece's parse (a few ms) rather than the whole body's.
+
+The mechanism, over the body's bytes as a numpy array (whole-array passes, no Python loop per byte):
+
+1. Strings: with no backslash in the body (else: step 6), a string is exactly the text from one
+   ``"`` to the next, so a position is inside a string iff an odd number of quotes precede it.
+2. Containers: the brackets and braces outside strings; their running sum (``+1`` opens, ``-1``
+   closes) is the depth, and within one depth level opens and closes alternate, so a stable sort by
+   level pairs each open with its close (both kinds checked).
+3. Big arrays: an array spanning :data:`PIECE_BYTES` or more that holds no other container that
+   large (rows ``[[..], ..]``, records ``[{..}, ..]``, or a flat list of numbers; the innermost big
+   ones, so a ``/v2`` tensor's ``data`` rather than the ``inputs`` list around it).
+4. Pieces: about every :data:`PIECE_BYTES` the next comma at the array's own depth, outside strings,
+   cuts it; each piece ``p`` is parsed as ``[p]``; the lists, joined, are the array.
+5. The rest: the body with each big array replaced by a placeholder string (``"\\u0000<i>"``,
+   which cannot occur in a body without backslashes: raw control characters are invalid JSON) is
+   parsed with one ``orjson.loads``, and every placeholder, found exactly once as a value, is
+   replaced by its array.
+6. Anything else - a backslash, odd quotes, unbalanced or crossed brackets, a depth over
+   :data:`MAX_DEPTH`, an empty piece (a leading or trailing comma), any parse error in a piece or
+   the rest, a placeholder used as a key - falls back to one ``orjson.loads(body)``, which gives
+   exactly today's value or today's error (with its message and position).
+
+Since the body is the rest with each placeholder replaced by ``[`` + the pieces joined by commas +
+``]``, and each of those parsed alone, the value equals ``orjson.loads(body)`` (kept by the tests
+against orjson itself).
+
+Rows straight to numpy: the top-level fields named in ``rows_fields`` (``inputs``, ``latents``,
+``context``) whose array is a list of equally long lists of JSON numbers come back as a float64
+``(rows, width)`` array, converted piece by piece (:func:`_rows_piece`): Python floats then exist
+for one piece at a time, no list per row is built, and the conversion is not left to the event
+loop. Any other content (records, ``true`` / ``false``, ``null``, strings, ragged rows) keeps the
+lists, so the checks of
+:func:`service.http.codecs.rows.rows_array` name the row and column at fault exactly as they do for
+a small body; for a clean array they give the same answer and the same errors (row count, width)
+as for its lists. The fields of a ``.npz`` body are arrays too, so callers already take both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import orjson
+
+__all__ = ["MAX_DEPTH", "PIECE_BYTES", "loads", "loads_in_pieces"]
+
+#: about how many bytes one ``orjson.loads`` call parses: ~5-15 ms for numbers (orjson builds
+#: 10-20 MB of floats a second into Python objects), so ``/healthz`` waits at most that long; the
+#: ~100 calls per 25 MB cost nothing measurable
+PIECE_BYTES = 256 << 10
+#: nesting deeper than this is left to orjson (its own limit is 1024; a piece is shallower than the
+#: whole body, so a piece could otherwise accept what the whole body's parse refuses)
+MAX_DEPTH = 512
+#: the body is scanned in blocks of this size, so the temporary masks stay small
+_SCAN_BLOCK = 8 << 20
+
+_QUOTE, _COMMA, _BACKSLASH = ord('"'), ord(","), ord("\\")
+_OPEN_ARRAY, _CLOSE_ARRAY, _OPEN_OBJECT, _CLOSE_OBJECT = (ord(c) for c in "[]{}")
+_BRACKET = np.zeros(256, dtype=bool)
+_BRACKET[[_OPEN_ARRAY, _CLOSE_ARRAY, _OPEN_OBJECT, _CLOSE_OBJECT]] = True
+_PLACEHOLDER_MARK = "\x00"
+
+
+class _Fallback(Exception):
+    """The body is not one the piece parser handles; parse it whole."""
+
+
+def loads(body: bytes, rows_fields: Iterable[str] = ()) -> Any:
+    """``orjson.loads(body)``, parsed in pieces where the body has big arrays (see the module doc).
+
+    Raises ``orjson.JSONDecodeError`` exactly as ``orjson.loads(body)`` does.
+    """
+    try:
+        return loads_in_pieces(body, frozenset(rows_fields))
+    except _Fallback:
+        return orjson.loads(body)
+
+
+def loads_in_pieces(body: bytes, rows_fields: frozenset[str] = frozenset()) -> Any:
+    """The piece parser itself; raises :class:`_Fallback` where :func:`loads` parses the body whole."""
+    if body.find(b"\\") >= 0:
+        raise _Fallback("backslash")
+    data = np.frombuffer(body, dtype=np.uint8)
+    quotes, brackets = _scan(data)
+    if len(quotes) % 2:
+        raise _Fallback("odd quotes")
+    if len(brackets):
+        brackets = brackets[np.searchsorted(quotes, brackets) % 2 == 0]
+    if not len(brackets):
+        raise _Fallback("no containers")
+    kinds = data[brackets]
+    delta = np.where((kinds == _OPEN_ARRAY) | (kinds == _OPEN_OBJECT), 1, -1).astype(np.int32)
+    depth = np.cumsum(delta, dtype=np.int32)  # the depth after each bracket
+    if depth.min() < 0 or depth[-1] != 0 or depth.max() > MAX_DEPTH:
+        raise _Fallback("unbalanced")
+    level = np.where(delta > 0, depth, depth + 1)
+    order = np.argsort(level, kind="stable")
+    opens, closes = order[0::2], order[1::2]
+    if not ((delta[opens] > 0).all() and (delta[closes] < 0).all()
+            and (kinds[closes].astype(np.int32) - kinds[opens] == 2).all()):  # '[' + 2 == ']', '{' + 2 == '}'
+        raise _Fallback("crossed brackets")
+    chosen = _big_arrays(brackets[opens], brackets[closes], kinds[opens] == _OPEN_ARRAY, level[opens])
+    if not chosen:
+        raise _Fallback("no big array")
+    return _assemble(body, data, chosen, quotes, brackets, depth, rows_fields)
+
+
+def _scan(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of every ``"`` and of every bracket or brace (inside strings too)."""
+    quotes, brackets = [], []
+    for start in range(0, len(data), _SCAN_BLOCK):
+        block = data[start:start + _SCAN_BLOCK]
+        quotes.append(np.flatnonzero(block == _QUOTE) + start)
+        brackets.append(np.flatnonzero(_BRACKET[block]) + start)
+    return np.concatenate(quotes), np.concatenate(brackets)
+
+
+def _big_arrays(start: np.ndarray, end: np.ndarray, is_array: np.ndarray,
+                level: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(open, close, level)`` of the arrays spanning ``PIECE_BYTES`` that hold no container that large."""
+    big = np.flatnonzero(end - start >= PIECE_BYTES)
+    big = big[np.argsort(start[big], kind="stable")]
+    out = []
+    for k, i in enumerate(big):
+        holds_big = k + 1 < len(big) and start[big[k + 1]] < end[i]  # containers nest or are disjoint
+        if is_array[i] and not holds_big:
+            out.append((int(start[i]), int(end[i]), int(level[i])))
+    return out
+
+
+def _next_comma(data: np.ndarray, at: int, end: int, level: int, quotes: np.ndarray,
+                brackets: np.ndarray, depth: np.ndarray) -> int | None:
+    """The first comma in ``[at, end)`` outside strings at depth ``level``, or None."""
+    width = 4096
+    while at < end:
+        stop = min(at + width, end)
+        commas = np.flatnonzero(data[at:stop] == _COMMA) + at
+        if len(commas):
+            outside = np.searchsorted(quotes, commas) % 2 == 0
+            before = np.searchsorted(brackets, commas) - 1  # the last bracket before each comma
+            ok = outside & (depth[np.maximum(before, 0)] == level) & (before >= 0)
+            hits = commas[ok]
+            if len(hits):
+                return int(hits[0])
+        at, width = stop, width * 2
+    return None
+
+
+def _pieces(data: np.ndarray, start: int, end: int, level: int, quotes: np.ndarray, brackets: np.ndarray,
+            depth: np.ndarray) -> list[tuple[int, int]]:
+    """The ``[from, to)`` byte ranges of the array ``start..end``'s pieces, cut at its own commas."""
+    out, begin = [], start + 1
+    while begin + PIECE_BYTES < end:
+        comma = _next_comma(data, begin + PIECE_BYTES, end, level, quotes, brackets, depth)
+        if comma is None:
+            break
+        out.append((begin, comma))
+        begin = comma + 1
+    out.append((begin, end))
+    return out
+
+
+def _assemble(body: bytes, data: np.ndarray, chosen: list[tuple[int, int, int]], quotes: np.ndarray,
+              brackets: np.ndarray, depth: np.ndarray, rows_fields: frozenset[str]) -> Any:
+    parts, at = [], 0
+    for i, (start, end, _) in enumerate(chosen):
+        parts += [body[at:start], b'"\\u0000%d"' % i]
+        at = end + 1
+    parts.append(body[at:])
+    try:
+        rest = orjson.loads(b"".join(parts))
+    except orjson.JSONDecodeError:
+        raise _Fallback("the rest is not JSON") from None
+    slots = _placeholders(rest, len(chosen))
+    root: list[Any] = [rest]
+    for i, (start, end, level) in enumerate(chosen):
+        parent, key = slots[i] if slots[i] is not None else (root, 0)
+        as_rows = parent is rest and isinstance(rest, dict) and key in rows_fields
+        ranges = _pieces(data, start, end, level, quotes, brackets, depth)
+        parent[key] = _parse_array(body, ranges, as_rows)
+    return root[0]
+
+
+def _placeholders(rest: Any, count: int) -> list[tuple[Any, Any] | None]:
+    """Where each placeholder sits: ``(container, key)``, or None for the whole body; each once, never a key."""
+    slots: list[tuple[Any, Any] | None] = [None] * count
+    found = [False] * count
+
+    def index(value: Any) -> int | None:
+        if isinstance(value, str) and value.startswith(_PLACEHOLDER_MARK):
+            i = int(value[1:]) if value[1:].isdigit() else count
+            if i >= count or found[i]:
+                raise _Fallback("a placeholder twice")
+            found[i] = True
+            return i
+        return None
+
+    if index(rest) is not None:  # the whole body is one big array
+        if count != 1:
+            raise _Fallback("placeholders beside the whole body")
+        return slots
+    stack = [rest]
+    while stack:
+        value = stack.pop()
+        items: Iterable[tuple[Any, Any]]
+        if isinstance(value, dict):
+            if any(k.startswith(_PLACEHOLDER_MARK) for k in value):
+                raise _Fallback("a placeholder as a key")
+            items = value.items()
+        elif isinstance(value, list):
+            items = enumerate(value)
+        else:
+            continue
+        for key, item in items:
+            i = index(item)
+            if i is not None:
+                slots[i] = (value, key)
+            elif isinstance(item, (dict, list)):
+                stack.append(item)
+    if not all(found):
+        raise _Fallback("a placeholder lost")
+    return slots
+
+
+def _parse_array(body: bytes, ranges: list[tuple[int, int]], as_rows: bool) -> Any:
+    """The array made of the pieces in ``ranges``: a list, or (``as_rows``, where clean) a float64 array."""
+    if as_rows:
+        arrays: list[np.ndarray] = []
+        for begin, end in ranges:
+            arr = _rows_piece(body[begin:end])
+            if arr is None or (arrays and arr.shape[1] != arrays[0].shape[1]):
+                break
+            arrays.append(arr)
+        else:
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        del arrays  # not rows of numbers: the lists, so the row checks can name what is wrong
+    out: list[Any] = []
+    for begin, end in ranges:
+        out += _piece(body, begin, end, len(ranges))
+    return out
+
+
+def _piece(body: bytes, begin: int, end: int, count: int) -> list[Any]:
+    try:
+        values = orjson.loads(b"[" + body[begin:end] + b"]")
+    except orjson.JSONDecodeError:
+        raise _Fallback("a piece is not JSON") from None
+    if not values and count > 1:
+        raise _Fallback("an empty piece")  # a leading or trailing comma: invalid in the whole body
+    return values
+
+
+_ROW_BYTES = b"0123456789+-.eE,[] \t\n\r"
+_BRACKETS_TO_SPACES = bytes.maketrans(b"[]", b"  ")
+
+
+def _rows_piece(piece: bytes) -> np.ndarray | None:
+    """A piece of rows of numbers (``[1, 2.5], [3, -4e-3]``) as a float64 ``(rows, width)`` array, else None.
+
+    No list per row is built: the brackets become spaces and orjson parses one flat list of numbers
+    (floats are not tracked by the garbage collector, whereas a list per row made the collector
+    walk every row already parsed, for up to 0.5 s at a time, holding the GIL). The flat parse
+    equals the piece's rows when the piece is exactly ``[n, .., n], .., [n, .., n]`` with ``w``
+    numbers per row, which these checks establish: only number, comma, bracket and whitespace bytes;
+    ``[`` and ``]`` alternate (no nesting); ``w - 1`` commas in every row and one between rows
+    (``rows * w - 1`` in all); every digit inside a row (no number outside one); and the flat list
+    valid JSON (numbers and commas alternate) with ``rows * w`` numbers, which leaves room for no
+    empty row and no comma at a row's edge. Anything else (``true``, ``null``, a string, a record,
+    ragged rows) answers None and the caller keeps the lists.
+    """
+    if not piece or piece.translate(None, _ROW_BYTES):
+        return None
+    b = np.frombuffer(piece, dtype=np.uint8)
+    opens, closes = np.flatnonzero(b == _OPEN_ARRAY), np.flatnonzero(b == _CLOSE_ARRAY)
+    rows = len(opens)
+    if not rows or len(closes) != rows or not ((opens < closes).all() and (closes[:-1] < opens[1:]).all()):
+        return None
+    commas = np.flatnonzero(b == _COMMA)
+    per_row = np.searchsorted(commas, closes) - np.searchsorted(commas, opens)
+    width = int(per_row[0]) + 1
+    if (per_row != width - 1).any() or len(commas) != rows * width - 1:
+        return None
+    digits = np.flatnonzero((b >= ord("0")) & (b <= ord("9")))
+    row = np.searchsorted(opens, digits, side="right") - 1
+    if (row < 0).any() or (digits > closes[np.maximum(row, 0)]).any():
+        return None
+    try:
+        flat = orjson.loads(b"[" + piece.translate(_BRACKETS_TO_SPACES) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(flat) != rows * width:
+        return None
+    return np.array(flat, dtype=np.float64).reshape(rows, width)
