@@ -2,7 +2,7 @@
 
 ``python -m bench.reload_memory --reloads 200`` starts ``python -m service serve`` on a free loopback
 port serving one model (``moons`` of ``models/`` by default) with an admin key, once with traced
-passes (``FLOWSERVE_TRACE=true``) and once eager (``false``). For each it answers a few requests,
+passes (``FLOWSERVE_TORCHSCRIPT=true``) and once eager (``false``). For each it answers a few requests,
 does ``--warmup`` reloads (the first loads of a process grow the allocator's arenas and torch's
 lazily built state once), reads the server's ``VmRSS`` from ``/proc/<pid>/status``, does
 ``--reloads`` more ``POST /v1/admin/models/{name}/reload`` (each followed by one ``log_prob``, so
@@ -75,7 +75,7 @@ def measure(model_dir: Path, model: str, reloads: int, warmup: int, trace: bool)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSERVE_")}
     env.update({"FLOWSERVE_MODEL_DIR": str(model_dir), "FLOWSERVE_MODELS": model, "FLOWSERVE_HOST": "127.0.0.1",
                 "FLOWSERVE_PORT": str(port), "FLOWSERVE_DEVICE": "cpu", "FLOWSERVE_ADMIN_KEY": key,
-                "FLOWSERVE_TRACE": "true" if trace else "false", "FLOWSERVE_LOG_LEVEL": "warning",
+                "FLOWSERVE_TORCHSCRIPT": "true" if trace else "false", "FLOWSERVE_LOG_LEVEL": "warning",
                 "OMP_NUM_THREADS": "1"})
     with tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False) as log_file:
         log = Path(log_file.name)

@@ -11,8 +11,8 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_DEVICE``           | ``auto``       | ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` |
 | ``FLOWSERVE_HOST``             | ``127.0.0.1``  | interface to listen on (``0.0.0.0`` in the container)          |
 | ``FLOWSERVE_PORT``             | ``8000``       | TCP port                                                      |
-| ``FLOWSERVE_LOG_LEVEL``        | ``info``       | ``critical`` .. ``debug``, ``trace``                           |
-| ``FLOWSERVE_TRACE``            | ``true``       | run each model's passes as traced graphs, checked against eager at load (false: eager) |
+| ``FLOWSERVE_LOG_LEVEL``        | ``info``       | ``critical`` .. ``debug``, ``trace`` (uvicorn's most verbose level) |
+| ``FLOWSERVE_TORCHSCRIPT``      | ``true``       | run each model's passes as TorchScript traces, checked against eager at load (false: eager); ``FLOWSERVE_TRACE`` is its deprecated old name |
 | ``FLOWSERVE_CUDA_GRAPHS``      | ``true``       | on CUDA, replay batches of up to 4096 rows from captured CUDA graphs (false: launch each kernel) |
 | ``FLOWSERVE_MAX_BATCH_ROWS``   | 8192 / 65536   | most rows in one batched model call (CPU / CUDA default)      |
 | ``FLOWSERVE_MAX_WAIT_MS``      | ``0``          | extra wait to grow a batch (Triton's ``max_queue_delay``)      |
@@ -31,24 +31,35 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_API_KEYS``         | none           | comma-separated bearer keys the model endpoints need (none: open) |
 | ``FLOWSERVE_ADMIN_KEY``        | none           | the bearer key of ``/v1/admin`` (none: administration disabled) |
 
+"Trace" was two settings: the log level (uvicorn's name, kept) and TorchScript tracing, now
+``torchscript``. ``FLOWSERVE_TRACE`` is still read, with a warning, when ``FLOWSERVE_TORCHSCRIPT``
+is not set (:class:`_DeprecatedEnv`).
+
 ``max_rows`` and ``max_samples`` may not exceed ``max_queue_rows``: a request larger than the whole
 queue could never be accepted, and would be answered 503 forever instead of 413 once.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.model.artifact import check_name
 
 __all__ = ["Settings", "SettingsError", "default_batch_rows", "load_settings"]
 
+log = logging.getLogger("flowserve.settings")
+
 MiB = 1 << 20
+#: old environment variable -> the field it now sets (read only where the field's own variable is unset)
+DEPRECATED_ENV = {"FLOWSERVE_TRACE": "torchscript"}
 DEFAULT_CPU_BATCH_ROWS = 8192
 DEFAULT_GPU_BATCH_ROWS = 65536
 def default_batch_rows(device: Any) -> int:
@@ -71,6 +82,30 @@ def _split_names(value: Any) -> Any:
     return value
 
 
+class _DeprecatedEnv(PydanticBaseSettingsSource):
+    """Old variable names (:data:`DEPRECATED_ENV`), below the real environment in priority.
+
+    ``FLOWSERVE_TRACE=false`` still turns TorchScript off, and logs a warning naming the new
+    variable; where ``FLOWSERVE_TORCHSCRIPT`` is set too, the old one is ignored (with a warning).
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for old, field in DEPRECATED_ENV.items():
+            if old not in os.environ:
+                continue
+            new = "FLOWSERVE_" + field.upper()
+            if new in os.environ:
+                log.warning("%s is ignored: %s is set (%s is the deprecated name of %s)", old, new, old, new)
+                continue
+            log.warning("%s is deprecated: set %s instead (read as %s=%s)", old, new, new, os.environ[old])
+            values[field] = os.environ[old]
+        return values
+
+
 class Settings(BaseSettings):
     """Everything the server needs to know at start; immutable once built."""
 
@@ -85,7 +120,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
-    trace: bool = Field(True, description="Run the models' passes as checked TorchScript traces (false: eager).")
+    torchscript: bool = Field(True, description="Run the models' passes as checked TorchScript traces (false: eager).")
     cuda_graphs: bool = Field(True, description="On CUDA, replay batches of up to 4096 rows from captured CUDA graphs.")
     max_batch_rows: int | None = Field(
         None, ge=1, description="Most rows in one batched model call (default: 8192 on the CPU, 65536 on CUDA).")
@@ -109,6 +144,13 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys of the model endpoints (service.http.auth).")
     admin_key: SecretStr | None = Field(None, description="Bearer key of /v1/admin; None disables it.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then ``FLOWSERVE_*``, then the deprecated names (:class:`_DeprecatedEnv`)."""
+        return init_settings, env_settings, _DeprecatedEnv(settings_cls), dotenv_settings, file_secret_settings
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

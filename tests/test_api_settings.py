@@ -20,7 +20,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.model_dir, s.models, s.device, s.host, s.port) == (Path("models"), None, "auto", "127.0.0.1", 8000)
     assert (s.max_batch_rows, s.max_wait_ms, s.max_queue_rows) == (None, 0.0, 1_000_000)
     assert (s.batch_rows_for(torch.device("cpu")), s.batch_rows_for(torch.device("cuda", 0))) == (8192, 65536)
-    assert s.trace and s.cuda_graphs
+    assert s.torchscript and s.cuda_graphs
     assert Settings(max_batch_rows=100).batch_rows_for(torch.device("cuda")) == 100
     assert (s.request_timeout_s, s.max_rows, s.max_samples, s.max_body_bytes) == (30.0, 1_000_000, 1_000_000, 256 << 20)
     assert s.drain_delay_s == 0.0 and s.api_keys == [] and s.admin_key is None
@@ -56,6 +56,37 @@ def test_invalid_settings_name_the_variable(tmp_path: Path, overrides: dict, mes
     with pytest.raises(SettingsError) as err:
         load_settings(**overrides)
     assert message in str(err.value)
+
+
+def test_torchscript_and_its_deprecated_name_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """``FLOWSERVE_TORCHSCRIPT`` turns tracing off; the old ``FLOWSERVE_TRACE`` still does, with a
+    warning, unless the new name is set; ``trace`` stays a log level."""
+    monkeypatch.setenv("FLOWSERVE_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("FLOWSERVE_TORCHSCRIPT", "false")
+    assert load_settings().torchscript is False
+    monkeypatch.delenv("FLOWSERVE_TORCHSCRIPT")
+    monkeypatch.setenv("FLOWSERVE_TRACE", "false")
+    with caplog.at_level("WARNING", logger="flowserve.settings"):
+        assert load_settings().torchscript is False
+        assert load_settings(torchscript="true").torchscript is True  # an option beats both variables
+    assert "FLOWSERVE_TRACE is deprecated: set FLOWSERVE_TORCHSCRIPT instead" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("FLOWSERVE_TORCHSCRIPT", "true")
+    with caplog.at_level("WARNING", logger="flowserve.settings"):
+        assert load_settings().torchscript is True
+    assert "FLOWSERVE_TRACE is ignored: FLOWSERVE_TORCHSCRIPT is set" in caplog.text
+    assert load_settings(log_level="trace").log_level == "trace"
+
+
+def test_serve_reads_the_deprecated_trace_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    # a value that fails validation shows the old option reached the torchscript setting, before anything starts
+    assert main(["serve", "--model-dir", str(tmp_path), "--trace", "maybe"]) == 2
+    err = capsys.readouterr().err
+    assert "--trace is deprecated, use --torchscript" in err
+    assert "FLOWSERVE_TORCHSCRIPT: Input should be a valid boolean" in err
 
 
 def test_keys_are_read_comma_separated(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ MAX_GROWTH = 0.05
 @pytest.fixture(scope="module")
 def reload_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = Path(shutil.copytree(model_repo, tmp_path_factory.mktemp("reload-repo") / "repo"))
-    proc = start_server(repo, tmp_path_factory.mktemp("reload"), admin_key=ADMIN_KEY, models="moons", trace="true")
+    proc = start_server(repo, tmp_path_factory.mktemp("reload"), admin_key=ADMIN_KEY, models="moons", torchscript="true")
     try:
         yield proc
     finally:

@@ -33,7 +33,7 @@ weights passed in as arguments (the same tensors the module holds: no copy).
 
 ``torch.jit`` is deprecated in favour of ``torch.compile``/``torch.export``; neither runs a whole
 graph without the GIL here without a C++ toolchain at serve time, so it is used where available and
-the service falls back to eager code (``FLOWSERVE_TRACE=false``, or any tracing failure).
+the service falls back to eager code (``FLOWSERVE_TORCHSCRIPT=false``, or any tracing failure).
 """
 
 from __future__ import annotations

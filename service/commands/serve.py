@@ -39,7 +39,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "port": (int, "TCP port (FLOWSERVE_PORT, default: 8000)"),
     "device": (str, "auto | cpu | cuda | cuda:N (FLOWSERVE_DEVICE, default: auto)"),
     "log_level": (str, "critical | error | warning | info | debug | trace (FLOWSERVE_LOG_LEVEL, default: info)"),
-    "trace": (str, "true | false: run the models' passes as traced graphs checked against eager (FLOWSERVE_TRACE, default: true)"),
+    "torchscript": (str, "true | false: run the models' passes as TorchScript traces checked against eager (FLOWSERVE_TORCHSCRIPT, default: true)"),
     "cuda_graphs": (str, "true | false: on CUDA, replay small batches from captured CUDA graphs (default: true)"),
     "max_batch_rows": (int, "most rows in one batched model call (default: 8192 on the CPU, 65536 on CUDA)"),
     "max_wait_ms": (float, "extra wait to grow a batch, ms (default: 0)"),
@@ -65,6 +65,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     for field, (kind, text) in OPTIONS.items():
         parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
+    # the old name of --torchscript (trace is also a --log-level): still read, with a warning
+    parser.add_argument("--trace", dest="deprecated_trace", type=str, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
     return parser
 
@@ -123,8 +125,15 @@ def _make_server(config: Any, on_signal: Callable[[], None], drain_delay_s: floa
 def run(args: argparse.Namespace) -> int:
     from service.settings import SettingsError, load_settings
 
+    options = {field: getattr(args, field, None) for field in OPTIONS}
+    old = getattr(args, "deprecated_trace", None)
+    if old is not None:
+        print("flowserve serve: --trace is deprecated, use --torchscript" +
+              (" (--trace ignored: --torchscript is given)" if options["torchscript"] is not None else ""), file=sys.stderr)
+        if options["torchscript"] is None:
+            options["torchscript"] = old
     try:
-        settings = load_settings(**{field: getattr(args, field, None) for field in OPTIONS})
+        settings = load_settings(**options)
     except SettingsError as e:
         print(f"flowserve serve: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ class ServiceState:
         """Start the worker and begin loading the chosen models (errors in the plan stop the server)."""
         s = self.settings
         device = s.resolve_device()
-        registry = ModelRegistry(ModelRepository(s.model_dir), device, s.models, trace=s.trace,
+        registry = ModelRegistry(ModelRepository(s.model_dir), device, s.models, trace=s.torchscript,
                                  cuda_graphs=s.cuda_graphs)
         names = registry.plan()
         config = BatchingConfig(max_batch_rows=s.batch_rows_for(device), max_wait_ms=s.max_wait_ms,
