@@ -131,7 +131,7 @@ def _check(model: DensityModel, runner: TracedPasses) -> None:
     tol = _tolerance(model.dtype)
     for i, rows in enumerate(PROBE_ROWS):
         x, c = _example(model, rows, seed=1000 + i)
-        x = x * model.scale + model.shift  # data rows in the model's units for encode
+        x = model.from_standardised(x)  # data rows in the model's units (inside its bounds) for encode
         z, _ = _example(model, rows, seed=2000 + i)
         for name, eager, traced, inputs in (
             ("encode", model.encode_columns, runner.encode, x),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -38,7 +39,12 @@ __all__ = [
     "save_artifact",
 ]
 
-FORMAT_VERSION = 1
+#: The newest manifest format this flowserve writes and reads. Format 2 adds per-feature bounds
+#: (``preprocessing.lower`` / ``.upper``); a model without bounds is still written as format 1, so
+#: that an older flowserve keeps reading it, and an older one refuses a bounded model by its format
+#: (it would otherwise compute the wrong density) instead of misreading it.
+FORMAT_VERSION = 2
+SUPPORTED_FORMATS = (1, 2)
 MANIFEST_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -70,11 +76,19 @@ class _Strict(BaseModel):
 
 
 class Preprocessing(_Strict):
-    """Per-feature standardisation ``(x - shift) / scale``, folded into the density."""
+    """Per-feature standardisation ``(x - shift) / scale``, folded into the density.
+
+    ``lower`` / ``upper`` (format 2, optional): per-feature bounds, ``null`` for an unbounded
+    feature. A bounded feature lies in the open interval ``(lower, upper)``; it is mapped to
+    ``log(x - lower) - log(upper - x)`` before ``shift`` and ``scale`` (which then standardise that
+    logit), with the exact log-Jacobian folded in (:mod:`service.model.density`).
+    """
 
     shift: list[float]
     scale: list[float]
     dequantized: bool = False
+    lower: list[float | None] | None = None
+    upper: list[float | None] | None = None
 
     @field_validator("scale")
     @classmethod
@@ -82,6 +96,29 @@ class Preprocessing(_Strict):
         if not all(s > 0 for s in v):
             raise ValueError("every scale must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Preprocessing":
+        if (self.lower is None) != (self.upper is None):
+            raise ValueError("lower and upper bounds must be given together")
+        if self.lower is None or self.upper is None:
+            return self
+        if len(self.lower) != len(self.shift) or len(self.upper) != len(self.shift):
+            raise ValueError(f"lower and upper must each have {len(self.shift)} values (null where unbounded)")
+        for j, (lo, hi) in enumerate(zip(self.lower, self.upper)):
+            if (lo is None) != (hi is None):
+                raise ValueError(f"feature {j} has only one bound; give both or neither (null)")
+            if lo is not None and hi is not None:
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise ValueError(f"feature {j}: bounds must be finite numbers, got [{lo}, {hi}]")
+                if not lo < hi:
+                    raise ValueError(f"feature {j}: the lower bound {lo} must be below the upper bound {hi}")
+        return self
+
+    @property
+    def bounded(self) -> bool:
+        """Whether any feature has bounds."""
+        return self.lower is not None and any(v is not None for v in self.lower)
 
 
 class WeightsInfo(_Strict):
@@ -113,8 +150,10 @@ class Manifest(_Strict):
     @field_validator("format_version")
     @classmethod
     def _format(cls, v: int) -> int:
-        if v != FORMAT_VERSION:
-            raise ValueError(f"format_version {v} is not supported (this flowserve reads {FORMAT_VERSION})")
+        if v not in SUPPORTED_FORMATS:
+            raise ValueError(
+                f"format_version {v} is not supported (this flowserve reads {', '.join(map(str, SUPPORTED_FORMATS))})"
+            )
         return v
 
     @field_validator("name")
@@ -136,6 +175,8 @@ class Manifest(_Strict):
             raise ValueError("feature_names must be unique")
         if len(self.preprocessing.shift) != d or len(self.preprocessing.scale) != d:
             raise ValueError(f"preprocessing.shift and .scale must each have {d} values")
+        if self.preprocessing.lower is not None and self.format_version < 2:
+            raise ValueError("preprocessing.lower/upper (bounds) need format_version 2")
         return self
 
     @property
@@ -179,7 +220,12 @@ def build_model(manifest: Manifest) -> DensityModel:
     p = manifest.preprocessing
     shift = torch.tensor(p.shift, dtype=torch.float64)
     scale = torch.tensor(p.scale, dtype=torch.float64)
-    return DensityModel(manifest.flow, shift, scale, dtype=dtype)
+    if p.lower is None or p.upper is None:
+        return DensityModel(manifest.flow, shift, scale, dtype=dtype)
+    nan = float("nan")
+    lower = torch.tensor([nan if v is None else v for v in p.lower], dtype=torch.float64)
+    upper = torch.tensor([nan if v is None else v for v in p.upper], dtype=torch.float64)
+    return DensityModel(manifest.flow, shift, scale, dtype=dtype, lower=lower, upper=upper)
 
 
 def read_manifest(version_dir: Path) -> Manifest:
@@ -254,15 +300,21 @@ def save_artifact(root: Path | str, manifest_fields: dict[str, Any], model: Dens
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
+    preprocessing = manifest_fields.get("preprocessing") or {}
+    bounded = any(v is not None for v in (preprocessing.get("lower") or []))
     fields = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if bounded else 1,  # the oldest format that can express it
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **manifest_fields,
         "version": version,
         "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE)},
     }
     manifest = Manifest.model_validate(fields)
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(), indent=1) + "\n", encoding="utf-8")
+    record = manifest.model_dump()
+    if manifest.preprocessing.lower is None:  # a format-1 manifest exactly as before bounds existed
+        for key in ("lower", "upper"):
+            record["preprocessing"].pop(key)
+    (tmp / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     final = model_dir / str(version)
     os.rename(tmp, final)
     return final

@@ -15,6 +15,31 @@ The generative direction is :math:`x = f(z) = s^{-1}(T^{-1}(z))`; ``decode`` ret
 ``log p(x)`` computed from the same identity (:math:`\log |\det \partial z / \partial x|` is minus the
 log-determinant of the inverse map).
 
+Bounded features. A feature ``j`` may be declared to lie in an open interval :math:`(a_j, b_j)`
+(e.g. dequantized pixels ``x + u`` in :math:`(0, 17)`). It is then mapped to the real line first,
+by the logit of its position in the interval,
+
+.. math::
+    y_j = \log(x_j - a_j) - \log(b_j - x_j), \qquad
+    \log \left|\frac{dy_j}{dx_j}\right| = \log(b_j - a_j) - \log(x_j - a_j) - \log(b_j - x_j),
+
+and ``shift`` / ``scale`` standardise :math:`y` (not :math:`x`) for those features; the log-Jacobian is
+added to ``log_det``, so ``log_prob`` stays the density of ``x`` in the data's own units and the
+density is zero outside the box. No squeeze :math:`\lambda` is used: with one, the map's support
+would be wider than :math:`(a, b)` by :math:`\lambda (b - a) / (1 - 2\lambda)` on each side, and either
+samples could leave the box or the density on it would integrate to less than 1. The two logs are
+taken of :math:`x - a` and :math:`b - x` (exact by Sterbenz's lemma near a bound), not of
+:math:`1 - p`, so no precision is lost near the upper bound.
+
+The inverse is :math:`x = a + (b - a)\,\sigma(y)` (written as :math:`b - (b - a)\,\sigma(-y)` for
+:math:`y > 0`), and its value is kept strictly inside :math:`(a, b)`: where :math:`\sigma` rounds the
+point onto a bound in the dtype, the nearest representable value inside is returned (one unit in
+the last place; ``log_prob`` is that of the latent's exact image). Encoding a row with a bounded
+feature outside :math:`(a, b)` (a bound itself included, and infinities) gives ``log_prob = -inf``
+(the density is zero there), and ``z``, ``log_det`` and ``base_log_prob`` NaN: no latent maps to
+such a row. The flow runs on a placeholder value for it, so its batch neighbours are unaffected.
+A NaN feature stays NaN everywhere, as for unbounded features.
+
 All operations act on rows, ``(B, D)``, with optional context rows ``(B, C)``; a row's result does
 not depend on the other rows of its batch.
 """
@@ -80,12 +105,21 @@ class DensityModel(nn.Module):
         flow_spec: the allow-listed flow specification (see :mod:`service.model.flows`).
         shift: per-feature :math:`\\mu`, shape ``(D,)``.
         scale: per-feature :math:`\\sigma > 0`, shape ``(D,)``.
-        dtype: the dtype of the module (default: torch's default dtype); ``shift`` and ``scale``
-            are rounded to it once, from the values given.
+        dtype: the dtype of the module (default: torch's default dtype); ``shift``, ``scale`` and
+            the bounds are rounded to it once, from the values given.
+        lower, upper: optional per-feature bounds, shape ``(D,)``; NaN (or an infinite bound) marks a
+            feature without bounds; a bounded feature needs finite :math:`a < b`. They are not part
+            of the weights (the manifest records them), so an unbounded model's state is unchanged.
     """
 
     def __init__(
-        self, flow_spec: dict[str, Any], shift: Tensor, scale: Tensor, dtype: torch.dtype | None = None
+        self,
+        flow_spec: dict[str, Any],
+        shift: Tensor,
+        scale: Tensor,
+        dtype: torch.dtype | None = None,
+        lower: Tensor | None = None,
+        upper: Tensor | None = None,
     ) -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
@@ -102,7 +136,42 @@ class DensityModel(nn.Module):
         self.flow = build_flow(flow_spec).to(dtype)
         self.register_buffer("shift", shift)
         self.register_buffer("scale", scale)
+        self.bounded_features: tuple[int, ...] = ()
+        if lower is not None or upper is not None:
+            self._set_bounds(lower, upper, features, dtype)
         self._runner: PassRunner | None = None
+
+    def _set_bounds(self, lower: Tensor | None, upper: Tensor | None, features: int, dtype: torch.dtype) -> None:
+        nan = torch.full((features,), float("nan"), dtype=torch.float64)
+        lo = nan.clone() if lower is None else torch.as_tensor(lower, dtype=torch.float64).reshape(-1)
+        hi = nan.clone() if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1)
+        if lo.shape != (features,) or hi.shape != (features,):
+            raise ValueError(f"lower and upper must have shape ({features},)")
+        mask = torch.isfinite(lo) & torch.isfinite(hi)
+        half = torch.isfinite(lo) ^ torch.isfinite(hi)
+        if bool(half.any()):
+            j = int(torch.nonzero(half)[0])
+            raise ValueError(f"feature {j} has only one finite bound; a bounded feature needs both")
+        lo, hi = lo.to(dtype), hi.to(dtype)  # rounded to the dtype once, as shift and scale
+        if bool((mask & ~(lo < hi)).any()):
+            j = int(torch.nonzero(mask & ~(lo < hi))[0])
+            raise ValueError(f"feature {j}: the lower bound must be below the upper one")
+        if not bool(mask.any()):
+            return
+        self.bounded_features = tuple(int(j) for j in torch.nonzero(mask).reshape(-1))
+        # placeholders (0, 1) where unbounded keep every elementwise op finite; the mask selects
+        self.register_buffer("bound_mask", mask, persistent=False)
+        self.register_buffer("lower", torch.where(mask, lo, torch.zeros_like(lo)), persistent=False)
+        self.register_buffer("upper", torch.where(mask, hi, torch.ones_like(hi)), persistent=False)
+
+    @property
+    def bounds(self) -> tuple[list[float | None], list[float | None]] | None:
+        """Per-feature ``(lower, upper)`` (``None`` where unbounded), or ``None`` if no feature is bounded."""
+        if not self.bounded_features:
+            return None
+        lo = [float(v) if m else None for v, m in zip(self.lower.double().tolist(), self.bound_mask.tolist())]
+        hi = [float(v) if m else None for v, m in zip(self.upper.double().tolist(), self.bound_mask.tolist())]
+        return lo, hi
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -132,15 +201,66 @@ class DensityModel(nn.Module):
         r""":math:`\log |\det \partial s / \partial x| = -\sum_j \log \sigma_j`."""
         return -torch.log(self.scale).sum()
 
+    def unbound(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Bounded features to the real line: ``(y, log|det ∂y/∂x|, outside)`` for rows ``x``.
+
+        ``outside`` marks rows with a bounded feature not strictly inside its interval; their values
+        are replaced by the interval's midpoint (so ``y`` and the log-det stay finite) and the
+        caller masks their results. Unbounded features pass through unchanged.
+        """
+        m, a, b = self.bound_mask, self.lower, self.upper
+        out = m & ((x <= a) | (x >= b))  # NaN compares False: a NaN stays NaN
+        xs = torch.where(out, (a + b) / 2, x)
+        lo, hi = torch.log(xs - a), torch.log(b - xs)
+        y = torch.where(m, lo - hi, xs)
+        ld = torch.where(m, torch.log(b - a) - lo - hi, torch.zeros_like(xs)).sum(dim=1)
+        return y, ld, out.any(dim=1)
+
+    def bound(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The inverse of :meth:`unbound`: ``(x, log|det ∂y/∂x|)`` at ``x`` for real rows ``y``.
+
+        :math:`x = a + (b - a)\sigma(y)` (:math:`b - (b - a)\sigma(-y)` for :math:`y > 0`), kept strictly
+        inside :math:`(a, b)`; :math:`\log|dy/dx| = \mathrm{softplus}(y) + \mathrm{softplus}(-y) - \log(b - a)`.
+        """
+        m, a, b = self.bound_mask, self.lower, self.upper
+        width = b - a
+        xb = torch.where(y > 0, b - width * torch.sigmoid(-y), a + width * torch.sigmoid(y))
+        x = self.clamp_inside(torch.where(m, xb, y))
+        ld = torch.nn.functional.softplus(y) + torch.nn.functional.softplus(-y) - torch.log(width)
+        return x, torch.where(m, ld, torch.zeros_like(y)).sum(dim=1)
+
+    def clamp_inside(self, x: Tensor) -> Tensor:
+        """Bounded features moved onto the nearest value of ``x``'s dtype strictly inside ``(a, b)``; NaN stays NaN."""
+        m, a, b = self.bound_mask, self.lower.to(x.dtype), self.upper.to(x.dtype)
+        inside = torch.minimum(torch.maximum(x, torch.nextafter(a, b)), torch.nextafter(b, a))
+        return torch.where(m, inside, x)
+
+    def from_standardised(self, u: Tensor) -> Tensor:
+        """Rows in the flow's standardised coordinates back to data units (no log-det)."""
+        y = u * self.scale + self.shift
+        return self.bound(y)[0] if self.bounded_features else y
+
     # -- the two passes --------------------------------------------------------------------------
     def encode(self, x: Tensor, context: Tensor | None = None) -> Encoded:
         """``x → z`` with ``log_det = log|det ∂z/∂x|`` and ``log_prob = log p_Z(z) + log_det``."""
         x = x.to(self.dtype)
         dist = self._dist(context, x.shape[0])
-        z, ladj = dist.transform.call_and_ladj((x - self.shift) / self.scale)
-        log_det = ladj + self._standardisation_log_det()
+        if not self.bounded_features:
+            z, ladj = dist.transform.call_and_ladj((x - self.shift) / self.scale)
+            log_det = ladj + self._standardisation_log_det()
+            base = dist.base.log_prob(z)
+            return Encoded(z=z, log_det=log_det, base_log_prob=base, log_prob=base + log_det)
+        y, ld_bound, outside = self.unbound(x)
+        z, ladj = dist.transform.call_and_ladj((y - self.shift) / self.scale)
+        log_det = ladj + self._standardisation_log_det() + ld_bound
         base = dist.base.log_prob(z)
-        return Encoded(z=z, log_det=log_det, base_log_prob=base, log_prob=base + log_det)
+        nan = torch.full_like(log_det, float("nan"))
+        return Encoded(
+            z=torch.where(outside[:, None], nan[:, None], z),
+            log_det=torch.where(outside, nan, log_det),
+            base_log_prob=torch.where(outside, nan, base),
+            log_prob=torch.where(outside, torch.full_like(log_det, -float("inf")), base + log_det),
+        )
 
     def decode(self, z: Tensor, context: Tensor | None = None) -> Decoded:
         """``z → x``; ``log_prob = log p_Z(z) - log|det ∂x/∂z|``."""
@@ -149,6 +269,9 @@ class DensityModel(nn.Module):
         u, ladj_inv = inverse_and_ladj(dist.transform, z)  # = transform.inv.call_and_ladj(z), fewer MLP calls
         x = u * self.scale + self.shift
         log_det = -ladj_inv + self._standardisation_log_det()
+        if self.bounded_features:
+            x, ld_bound = self.bound(x)
+            log_det = log_det + ld_bound
         return Decoded(x=x, log_prob=dist.base.log_prob(z) + log_det)
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:

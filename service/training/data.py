@@ -15,6 +15,13 @@ with NaN or infinity, non-numeric values, a constant feature column or too few r
 :func:`dequantize` turns integer data into continuous data, :math:`x + u`, :math:`u \sim U(0, 1)^D`,
 so that a density (not a probability mass) can be fitted. :func:`split` shuffles rows with a seed
 into train / validation / calibration parts (70 / 15 / 15, the calibration part at most 10,000 rows).
+
+Bounded features (``--bounds``): :func:`parse_bounds` reads ``LOW:HIGH`` (every feature) or
+``name=LOW:HIGH,...`` (the named features) into per-feature arrays, NaN where unbounded;
+:func:`check_bounds` refuses a row whose bounded feature is not strictly inside its interval (the
+model's density is zero on the bounds themselves and outside), naming the row and column; and
+:func:`unbound_rows` is the logit :math:`\log(x - a) - \log(b - x)` the model applies first, on
+which the standardisation is chosen.
 """
 
 from __future__ import annotations
@@ -32,12 +39,15 @@ __all__ = [
     "DataError",
     "Dataset",
     "Split",
+    "check_bounds",
     "check_integer",
     "dequantize",
     "load_dataset",
     "min_rows",
+    "parse_bounds",
     "parse_columns",
     "split",
+    "unbound_rows",
     "validate",
 ]
 
@@ -312,3 +322,70 @@ def split(rows: int, seed: int) -> Split:
         validation=np.sort(perm[n_cal : n_cal + n_val]),
         calibration=np.sort(perm[:n_cal]),
     )
+
+
+# -- bounds ----------------------------------------------------------------------------------------
+def _interval(text: str, what: str) -> tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        a, b = float(low), float(high)
+    except ValueError:
+        raise DataError(f"--bounds: {what} {text!r} is not LOW:HIGH (two numbers, e.g. 0:17)") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise DataError(f"--bounds: {what} {text!r} must be finite numbers")
+    if not a < b:
+        raise DataError(f"--bounds: {what} {text!r}: LOW must be below HIGH")
+    return a, b
+
+
+def parse_bounds(text: str | None, feature_names: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``"LOW:HIGH"`` (all features) or ``"name=LOW:HIGH,..."`` → per-feature ``(lower, upper)``, NaN where unbounded.
+
+    ``None`` or an empty text → ``None`` (no bounds). Names may also be 0-based feature indices.
+    """
+    if text is None or not text.strip():
+        return None
+    d = len(feature_names)
+    lower, upper = np.full(d, np.nan), np.full(d, np.nan)
+    if "=" not in text:
+        a, b = _interval(text.strip(), "the interval")
+        lower[:], upper[:] = a, b
+        return lower, upper
+    for item in text.split(","):
+        name, sep, interval = item.strip().partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise DataError(f"--bounds: {item.strip()!r} is not NAME=LOW:HIGH")
+        (j,) = _select(feature_names, [name], "--bounds", "features")
+        if not np.isnan(lower[j]):
+            raise DataError(f"--bounds names feature {feature_names[j]!r} twice")
+        lower[j], upper[j] = _interval(interval.strip(), f"feature {feature_names[j]!r}:")
+    return lower, upper
+
+
+def check_bounds(data: Dataset, lower: np.ndarray, upper: np.ndarray, dequantized: bool = False) -> None:
+    """Refuse rows whose bounded features are not strictly inside ``(lower, upper)`` (NaN: unbounded)."""
+    bounded = ~np.isnan(lower)
+    bad = bounded & ((data.x <= lower) | (data.x >= upper))
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        count = int(bad.any(axis=1).sum())
+        value = "x + u = " if dequantized else ""
+        raise DataError(
+            f"{data.source or 'data'}: feature column {data.feature_names[col]!r}, data row {row + 1} is "
+            f"{value}{data.x[row, col]:.17g}, not strictly inside its bounds ({lower[col]:g}, {upper[col]:g})"
+            f" ({count} row{'s' if count > 1 else ''} in all); the density of a bounded feature is zero on"
+            " and outside its bounds: widen --bounds"
+            + (" (dequantized integers k in [LOW, HIGH - 1] lie inside LOW:HIGH)" if dequantized else "")
+        )
+
+
+def unbound_rows(x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    r""":math:`y = \log(x - a) - \log(b - x)` for bounded features (``lower`` not NaN), ``x`` elsewhere."""
+    bounded = ~np.isnan(lower)
+    a, b = np.where(bounded, lower, 0.0), np.where(bounded, upper, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = np.log(x - a) - np.log(b - x)
+    return np.where(bounded, y, x)
