@@ -23,6 +23,13 @@ the key ``x1`` of record 3; ``["path", "version"]`` a path parameter.
 
 Framework errors (unknown routes, wrong methods, invalid path parameters) and unexpected
 exceptions take the same shape through the handlers :func:`install` registers.
+
+The domain errors of serving (:mod:`service.serving.errors`, the device worker's
+:mod:`service.serving.batching.errors`) become answers through one status table,
+:data:`DOMAIN_ANSWERS`, looked up along the exception's MRO (:func:`domain_problem`): ``/v1``
+answers them as problem+json, ``/v2`` as ``{"error"}`` with the same status and detail. A
+``ValueError`` is deliberately not in it: inputs are validated at the edge, so one raised inside
+serving is a bug (500 ``internal-error``, logged), not the client's 400.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from http import HTTPStatus
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 from fastapi import FastAPI, Request
@@ -38,11 +45,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
+from service.serving.errors import NoCalibration
+
 __all__ = [
+    "DOMAIN_ANSWERS",
     "MAX_ERRORS",
     "PROBLEM_JSON",
     "Problem",
     "ProblemResponse",
+    "domain_problem",
     "field_error",
     "install",
     "problem_type",
@@ -138,6 +150,57 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
+# -- the domain errors' status table --------------------------------------------------------------
+def _queue_full(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    why = f": {exc.reason}" if exc.reason else ""
+    return Problem.unavailable("queue-full", f"the server's queue is full ({settings.max_queue_rows} rows){why}; "
+                               "retry later or send fewer rows", exc.retry_after)
+
+
+def _wont_finish(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(413, "wont-finish", f"{exc}; split the request into smaller ones, or raise "
+                   f"FLOWSERVE_REQUEST_TIMEOUT_S (now {settings.request_timeout_s:g} s)")
+
+
+def _draining(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem.unavailable("draining", f"the server is shutting down and runs no new work: {exc}", 1.0)
+
+
+def _deadline(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    within = f" ({timeout_s:g} s)" if timeout_s is not None else ""
+    return Problem(504, "deadline-exceeded",
+                   f"the request's deadline{within} passed before its rows were computed; they were not computed")
+
+
+def _compute_failed(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(500, "compute-failed", f"the model failed to compute these rows: {exc}")
+
+
+def _no_calibration(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(409, "no-calibration", str(exc))
+
+
+#: domain error class -> its answer, given the exception, the server's settings and the request's
+#: timeout in seconds (``None`` where the request set its own, as /v2's ``timeout``)
+DOMAIN_ANSWERS: dict[type[Exception], Callable[[Any, Any, float | None], Problem]] = {
+    QueueFull: _queue_full,          # 503 queue-full, Retry-After
+    WontFinish: _wont_finish,        # 413 wont-finish
+    WorkerStopped: _draining,        # 503 draining, Retry-After: 1
+    DeadlineExceeded: _deadline,     # 504 deadline-exceeded
+    ComputeError: _compute_failed,   # 500 compute-failed
+    NoCalibration: _no_calibration,  # 409 no-calibration
+}
+
+
+def domain_problem(exc: BaseException, settings: Any, timeout_s: float | None = None) -> Problem | None:
+    """The answer of :data:`DOMAIN_ANSWERS` for ``exc`` (first class along its MRO), or ``None``."""
+    for cls in type(exc).__mro__:
+        answer = DOMAIN_ANSWERS.get(cls)
+        if answer is not None:
+            return answer(exc, settings, timeout_s)
+    return None
+
+
 # -- handlers ------------------------------------------------------------------------------------
 _HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "content-too-large", 415: "unsupported-media-type"}
 
@@ -167,6 +230,13 @@ async def _validation(request: Request, exc: Exception) -> Response:
     return Problem(422, "invalid-field", f"invalid request: {where}", errors=errors).response(request.url.path)
 
 
+async def _domain(request: Request, exc: Exception) -> Response:
+    settings = request.app.state.flowserve.settings
+    problem = domain_problem(exc, settings, settings.request_timeout_s)
+    assert problem is not None, f"{type(exc).__name__} is installed but not in DOMAIN_ANSWERS"
+    return problem.response(request.url.path)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return Problem(500, "internal-error", "the server failed to answer; this is a bug, please report it").response(
@@ -179,4 +249,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
+    for cls in DOMAIN_ANSWERS:
+        app.add_exception_handler(cls, _domain)
     app.add_exception_handler(Exception, _unexpected)

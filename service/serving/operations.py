@@ -32,6 +32,7 @@ import numpy as np
 from service.serving import monitoring
 from service.serving.batching import Pass
 from service.accel.threads import one_intra_op_thread
+from service.serving.errors import NoCalibration
 from service.serving.registry import ServedModel
 from service.serving.table import FORWARD, INVERSE, LOG_PROB, SAMPLE
 
@@ -45,11 +46,11 @@ MAX_SEED = (1 << 64) - 1
 
 
 class OperationError(ValueError):
-    """Arrays that do not fit the model (the API layer checks before calling, with field names)."""
+    """Arrays or parameters that do not fit the model: a bug of the caller, never the client's fault.
 
-
-class NoCalibration(OperationError):
-    """The model version has no calibration set, so it cannot give anomaly p-values."""
+    The API layer validates every input before calling (:mod:`service.serving.errors`), so the
+    HTTP answer of this error is a logged 500, not a 400.
+    """
 
 
 def _check(served: ServedModel, rows: np.ndarray, context: np.ndarray | None, what: str) -> None:

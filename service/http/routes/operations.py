@@ -21,12 +21,10 @@ from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from service.serving import operations
-from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from service.serving.registry import ServedModel
 from service.http.codecs import binary
 from service.http.codecs.bodies import JSON, ParsedBody, parse_body
-from service.http.problems import Problem, field_error
+from service.http.problems import Problem, domain_problem, field_error
 from service.http.codecs.negotiation import negotiate
 from service.http.responses import NumpyJSONResponse
 from service.http.codecs.rows import describe_names, rows_array
@@ -177,29 +175,6 @@ ENDPOINTS: tuple[Endpoint, ...] = tuple(Endpoint(op) for op in TABLE)
 
 
 # -- error mapping and the handler ----------------------------------------------------------------
-def _problem(exc: Exception, state: ServiceState) -> Problem | None:
-    if isinstance(exc, QueueFull):
-        why = f": {exc.reason}" if exc.reason else ""
-        return Problem.unavailable("queue-full", f"the server's queue is full ({state.settings.max_queue_rows} rows)"
-                                   f"{why}; retry later or send fewer rows", exc.retry_after)
-    if isinstance(exc, WontFinish):
-        return Problem(413, "wont-finish", f"{exc}; split the request into smaller ones, or raise "
-                       f"FLOWSERVE_REQUEST_TIMEOUT_S (now {state.settings.request_timeout_s:g} s)")
-    if isinstance(exc, WorkerStopped):
-        return Problem.unavailable("draining", f"the server is shutting down and runs no new work: {exc}", 1.0)
-    if isinstance(exc, DeadlineExceeded):
-        return Problem(504, "deadline-exceeded",
-                       f"the request's deadline ({state.settings.request_timeout_s:g} s) passed before its rows "
-                       "were computed; they were not computed")
-    if isinstance(exc, ComputeError):
-        return Problem(500, "compute-failed", f"the model failed to compute these rows: {exc}")
-    if isinstance(exc, operations.NoCalibration):
-        return Problem(409, "no-calibration", str(exc))
-    if isinstance(exc, ValueError):  # OperationError, or the worker's own shape check
-        return Problem(400, "invalid-input", str(exc))
-    return None
-
-
 #: what an operation answers, in the order that breaks ties in ``Accept`` (JSON by default)
 ANSWER_TYPES = (JSON, binary.NPY, binary.NPZ)
 
@@ -234,8 +209,11 @@ async def handle(request: Request, name: str, version: str | None, endpoint: End
             record.status = p.status
             raise
         except Exception as exc:
-            problem = _problem(exc, state)
+            # the status table of the domain errors; anything else (a ValueError included) is a bug: the
+            # app's handler answers 500 and logs it
+            problem = domain_problem(exc, state.settings, state.settings.request_timeout_s)
             if problem is None:
+                record.status = 500
                 raise
             record.status = problem.status
             raise problem from exc

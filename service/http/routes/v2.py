@@ -47,13 +47,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
-from service.serving import operations
-from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from service.serving.registry import ServedModel
 from service.serving.table import INVERSE, LOG_PROB, SCORE, Operation
 from service.http.auth import require_api_key
 from service.http.codecs.bodies import read_body
-from service.http.problems import Problem
+from service.http.problems import Problem, domain_problem
 from service.http.responses import NumpyJSONResponse
 from service.http.state import LOADING_RETRY_S, ServiceState, get_state
 from service.http.codecs.v2_protocol import (
@@ -309,24 +307,10 @@ async def compute_outputs(state: ServiceState, served: ServedModel, x: np.ndarra
     return arrays
 
 
-def _batching_error(exc: Exception, state: ServiceState) -> V2Error | None:
-    if isinstance(exc, QueueFull):
-        return V2Error(503, f"the server's queue is full ({state.settings.max_queue_rows} rows); retry later or "
-                       "send fewer rows", {"Retry-After": str(max(1, int(np.ceil(exc.retry_after))))})
-    if isinstance(exc, WorkerStopped):
-        return V2Error(503, f"the server is shutting down and runs no new work: {exc}", {"Retry-After": "1"})
-    if isinstance(exc, WontFinish):
-        return V2Error(413, f"{exc}; split the request into smaller ones, or raise FLOWSERVE_REQUEST_TIMEOUT_S "
-                       f"(now {state.settings.request_timeout_s:g} s)")
-    if isinstance(exc, DeadlineExceeded):
-        return V2Error(504, "the request's deadline passed before its rows were computed; they were not computed")
-    if isinstance(exc, ComputeError):
-        return V2Error(500, f"the model failed to compute these rows: {exc}")
-    if isinstance(exc, operations.NoCalibration):
-        return V2Error(409, str(exc))
-    if isinstance(exc, ValueError):  # OperationError: arrays that do not fit (checked above already)
-        return bad(str(exc))
-    return None
+def _domain_error(exc: Exception, state: ServiceState, timeout_s: float | None) -> V2Error | None:
+    """The status table's answer (:data:`service.http.problems.DOMAIN_ANSWERS`) in the protocol's shape."""
+    problem = domain_problem(exc, state.settings, timeout_s)
+    return None if problem is None else V2Error(problem.status, problem.detail, problem.headers)
 
 
 async def _read_request(request: Request, max_bytes: int) -> InferRequest:
@@ -351,7 +335,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                 deadline = min(deadline, start + parsed.timeout_us / 1e6)
             arrays = await compute_outputs(state, served, x, context, outputs, alpha, deadline)
         except Exception as exc:
-            error = _batching_error(exc, state) or error_from(exc)
+            error = _domain_error(exc, state, None) or error_from(exc)
             record.status = error.status
             raise error from exc
         body, headers = encode_infer_response(served.name, served.version, parsed.id,
