@@ -28,9 +28,12 @@ Everything else goes to the app unchanged: other paths and methods (``GET`` / ``
 operation path is still FastAPI's 405 with ``Allow: POST``, a trailing slash its 307 redirect, an
 unknown operation its 404), ``/docs`` and ``/openapi.json`` (where the operation routes stay
 registered, so they are documented as before), admin, v2, lifespan and websockets. It also steps
-aside, passing every request to the app, when requests carry a ``root_path``, when the app has a
-``root_path`` or ``debug`` set, or when FastAPI's own OpenTelemetry instrumentation is enabled (its
-spans and metrics are made in the middleware skipped here).
+aside, passing every request to the app, when requests carry a ``root_path`` or when the app has a
+``root_path`` or ``debug`` set. It reads only the app's public attributes (``state``,
+``exception_handlers``, ``root_path``, ``debug``): FastAPI's own OpenTelemetry instrumentation (in
+the middleware skipped here) does not see operation requests; the service's own metrics
+(made in :func:`~service.http.routes.operations.handle`) do. The operations, their paths
+and their documentation all come from :data:`service.serving.table.TABLE`.
 
 What differs from the route: middleware added to the app with ``app.add_middleware`` does not see
 these requests (the app adds none); and after an unexpected exception (a bug) the 500 is sent and
@@ -41,7 +44,6 @@ so that uvicorn logs it a second time and closes the connection.
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -90,19 +92,14 @@ class OperationFastPath:
         self.app = app
         self._keyed = bool(app.state.flowserve.settings.api_keys)  # as create_app decides the dependency
         self._active = not app.root_path and not app.debug
-        self._telemetry: Any = getattr(app, "_native_telemetry", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and self._active:
             target = match_operation(scope["path"])
-            if target is not None and not scope.get("root_path") and not self._instrumented():
+            if target is not None and not scope.get("root_path"):
                 await self._answer(scope, receive, send, *target)
                 return
         await self.app(scope, receive, send)
-
-    def _instrumented(self) -> bool:
-        """Whether FastAPI's OpenTelemetry instrumentation is on (FastAPI asks the same per request)."""
-        return self._telemetry is not None and self._telemetry.enabled()
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None,
                       endpoint: Endpoint) -> None:
