@@ -279,18 +279,19 @@ def _rows_piece(piece: bytes) -> np.ndarray | None:
     if not piece or piece.translate(None, _ROW_BYTES):
         return None
     b = np.frombuffer(piece, dtype=np.uint8)
-    opens, closes = np.flatnonzero(b == _OPEN_ARRAY), np.flatnonzero(b == _CLOSE_ARRAY)
+    is_open, is_close = b == _OPEN_ARRAY, b == _CLOSE_ARRAY
+    opens, closes = np.flatnonzero(is_open), np.flatnonzero(is_close)
     rows = len(opens)
     if not rows or len(closes) != rows or not ((opens < closes).all() and (closes[:-1] < opens[1:]).all()):
         return None
-    commas = np.flatnonzero(b == _COMMA)
-    per_row = np.searchsorted(commas, closes) - np.searchsorted(commas, opens)
+    is_comma = b == _COMMA
+    commas = np.cumsum(is_comma, dtype=np.int64)  # commas up to each byte
+    per_row = commas[closes] - commas[opens]
     width = int(per_row[0]) + 1
-    if (per_row != width - 1).any() or len(commas) != rows * width - 1:
+    if (per_row != width - 1).any() or int(commas[-1]) != rows * width - 1:
         return None
-    digits = np.flatnonzero((b >= ord("0")) & (b <= ord("9")))
-    row = np.searchsorted(opens, digits, side="right") - 1
-    if (row < 0).any() or (digits > closes[np.maximum(row, 0)]).any():
+    in_row = np.cumsum(is_open.view(np.int8) - is_close.view(np.int8), dtype=np.int8)  # 1 inside a row, else 0
+    if ((b >= ord("0")) & (b <= ord("9")) & (in_row == 0)).any():
         return None
     try:
         flat = orjson.loads(b"[" + piece.translate(_BRACKETS_TO_SPACES) + b"]")
