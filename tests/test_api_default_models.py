@@ -60,8 +60,11 @@ def test_default_models_make_sense(defaults: ServerProcess) -> None:
     with defaults.client() as c:
         score = c.post("/v1/models/moons/score", json={"inputs": [[0.0, 1.0], [1.0, -0.5], [3.0, 3.0]]}).json()
         assert score["is_anomaly"] == [False, False, True]
-        inv = c.post("/v1/models/digits/inverse", json={"inputs": [[0] * 64, list(range(0, 16)) * 4]}).json()
+        # pixels at their dequantization cells' centres k + 0.5 (an integer 0 lies on the bound 0: density zero)
+        inv = c.post("/v1/models/digits/inverse", json={"inputs": [[0.5] * 64, [k + 0.5 for k in range(0, 16)] * 4]}).json()
         np.testing.assert_allclose(inv["log_prob"], np.add(inv["base_log_prob"], inv["log_det"]), rtol=1e-5, atol=1e-4)
+        on_bound = c.post("/v1/models/digits/log_prob", json={"inputs": [[0] * 64]}).json()
+        assert on_bound["log_prob"] == [None]
         seven = [0] * 10
         seven[7] = 1
         sample = c.post("/v1/models/digits-cond/sample", json={"n": 3, "seed": 0, "context": seven,
@@ -71,4 +74,4 @@ def test_default_models_make_sense(defaults: ServerProcess) -> None:
         labels = np.eye(10).tolist()
         lp = c.post("/v1/models/digits-cond/log_prob",
                     json={"inputs": [DIGIT_ZERO] * 10, "context": labels}).json()["log_prob"]
-        assert int(np.argmax(lp)) == 0
+        assert all(v is not None for v in lp) and int(np.argmax(lp)) == 0

@@ -10,7 +10,7 @@ Two roles:
   faster than a pydantic model per number, and answers are written by orjson.
 
 Examples work against the default models: ``moons`` (2 features ``x``, ``y``), ``digits``
-(64 features, 8×8 images with values 0..16) and ``digits-cond`` (the same with a 10-way one-hot
+(64 features, 8×8 images with values 0..16, dequantized: densities of ``x + u`` in (0, 17)) and ``digits-cond`` (the same with a 10-way one-hot
 ``context`` naming the digit).
 """
 
@@ -70,9 +70,12 @@ CONTEXT_DOC = (
 )
 NONFINITE_DOC = " Non-finite results (e.g. the log-density of a point outside the support) are written as `null`."
 
-#: the first image of scikit-learn's digits (a zero), for examples
-DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
-              0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
+#: the first image of scikit-learn's digits (a zero) at its cells' centres k + 0.5, for examples: the
+#: digits models are densities of dequantized pixels x + u, bounded to (0, 17), so an integer pixel 0
+#: lies on a bound, where the density is zero (log_prob null)
+DIGIT_ZERO = [k + 0.5 for k in (
+    0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
+    0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0)]
 ONE_HOT_ZERO = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
 
 
