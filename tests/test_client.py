@@ -269,7 +269,12 @@ def test_async_client_gives_the_same_answers(server: ServerProcess, fs: Client) 
 
     out = asyncio.run(go())
     models, card, lp1, inv, sample, score, cond = out["results"]
-    assert models == fs.models() and card == fs.card("moons", version=1)
+    # the card's drift block is live state (the log-densities scored meanwhile move it): the rest is the model's
+    live = ("drift",)
+    again = fs.card("moons", version=1)
+    assert models == fs.models()
+    assert {k: v for k, v in card.items() if k not in live} == {k: v for k, v in again.items() if k not in live}
+    assert set(card) == set(again)
     np.testing.assert_array_equal(lp1, fs.log_prob("moons", X, version=1))
     np.testing.assert_allclose(inv["latents"], fs.inverse("moons", X)["latents"], rtol=1e-6)
     np.testing.assert_array_equal(sample["samples"], fs.sample("moons", 30, seed=8))
