@@ -12,7 +12,7 @@ import torch
 
 from service.cli import main
 from service.model.artifact import MANIFEST_FILE
-from service.training.fit import SMALL_DATA_ROWS, SMALL_FLOW, TrainConfig, fit, mean_nll, resolve, trimmed_nll
+from service.training.fit import MEDIUM_FLOW, SMALL_DATA_ROWS, SMALL_FLOW, TrainConfig, fit, mean_nll, resolve, trimmed_nll
 
 
 def test_trimmed_nll_averages_the_most_likely_rows_and_ignores_the_rest() -> None:
@@ -31,19 +31,22 @@ def test_trimmed_nll_averages_the_most_likely_rows_and_ignores_the_rest() -> Non
 
 
 def test_defaults_follow_the_number_of_training_rows() -> None:
-    small = resolve(TrainConfig(), 300)
+    small = resolve(TrainConfig(), 300, 10)  # 30 rows per feature
     assert small.robust is True and small.batch_size == 75  # 300 // 4
     assert (small.transforms, small.hidden_features) == (SMALL_FLOW["transforms"], SMALL_FLOW["hidden_features"])
-    assert resolve(TrainConfig(), 60).batch_size == 16 and resolve(TrainConfig(), 1999).batch_size == 256
-    large = resolve(TrainConfig(), SMALL_DATA_ROWS)
+    medium = resolve(TrainConfig(), 300, 2)  # 150 rows per feature
+    assert medium.robust is True and medium.batch_size == 75
+    assert (medium.transforms, medium.hidden_features) == (MEDIUM_FLOW["transforms"], MEDIUM_FLOW["hidden_features"])
+    assert resolve(TrainConfig(), 60, 2).batch_size == 16 and resolve(TrainConfig(), 1999, 2).batch_size == 256
+    large = resolve(TrainConfig(), SMALL_DATA_ROWS, 2)
     assert large.robust is False and large.batch_size == 256
     assert large.transforms is None and large.hidden_features is None  # the flow's own defaults
     # whatever is given is kept
-    given = resolve(TrainConfig(robust=False, batch_size=64, transforms=3), 300)
+    given = resolve(TrainConfig(robust=False, batch_size=64, transforms=3), 300, 2)
     assert (given.robust, given.batch_size, given.transforms, given.hidden_features) == (False, 64, 3, None)
-    assert resolve(TrainConfig(robust=True), 50_000).robust is True
+    assert resolve(TrainConfig(robust=True), 50_000, 2).robust is True
     with pytest.raises(ValueError, match="trim"):
-        resolve(TrainConfig(trim=0.5), 300)
+        resolve(TrainConfig(trim=0.5), 300, 2)
 
 
 def test_robust_fit_early_stops_on_the_trimmed_validation_nll(moons_rows: np.ndarray) -> None:
@@ -87,7 +90,7 @@ def test_train_records_the_objective_on_the_card(
     tr = manifest["training"]
     assert tr["objective"] == objective and tr["robust"] is robust
     assert tr["config"]["batch_size"] == 35  # 140 training rows // 4
-    assert manifest["flow"]["kwargs"]["transforms"] == 1 and manifest["flow"]["kwargs"]["hidden_features"] == [16, 16]
+    assert manifest["flow"]["kwargs"]["transforms"] == 3 and manifest["flow"]["kwargs"]["hidden_features"] == [32, 32]  # 70 rows per feature
     assert f"validation {objective}:" in out
 
 

@@ -32,7 +32,7 @@ Detector = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
 def flowserve_scores(x_fit: np.ndarray, x_test: np.ndarray, seed: int, robust: bool | None = None,
-                     default_size: bool = False) -> np.ndarray:
+                     default_size: bool = False, epochs: int | None = None) -> np.ndarray:
     """``-log p(x_test)`` under a flow written by ``train_and_save`` with the CLI's defaults."""
     from service.model.artifact import load_artifact
     from service.training.data import Dataset
@@ -41,6 +41,8 @@ def flowserve_scores(x_fit: np.ndarray, x_test: np.ndarray, seed: int, robust: b
 
     names = [f"x{i}" for i in range(x_fit.shape[1])]
     config = TrainConfig(seed=seed, robust=robust)
+    if epochs is not None:
+        config.epochs = epochs
     if default_size:  # the per-flow architecture defaults and batches of 256 (the previous defaults)
         config.batch_size = 256
         config.transforms, config.hidden_features = 4, [64, 64]

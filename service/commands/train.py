@@ -31,8 +31,8 @@ anomaly p-values, and the held-out NLL and exactness figures are measured on the
 Defaults scale with the data. Below 2,000 training rows (small data, where anomaly scoring
 is the usual use and unlabelled anomalies are often among the rows) the objective is the
 robust trimmed NLL (the least likely 10% of each batch and of the validation rows are
-dropped, --trim), the flow is small (1 transform, 16,16 hidden units, unless --transforms
-or --hidden is given) and batches are rows/4 (16..256). From 2,000 rows on it is plain
+dropped, --trim), the flow is small unless --transforms or --hidden is given (1 transform
+with 16,16 hidden units below 50 rows per feature, else 3 transforms with 32,32) and batches are rows/4 (16..256). From 2,000 rows on it is plain
 maximum likelihood with the flow's defaults and batches of 256. --robust / --no-robust
 override the objective; the model card records it (training.objective, training.robust).
 

@@ -17,8 +17,10 @@ validation NLL used for early stopping is trimmed the same way. No labels are ne
 
 **Defaults scaled to the data** (:func:`resolve`). Fields left ``None`` are chosen from the number of
 training rows :math:`n`. Below :data:`SMALL_DATA_ROWS` (2,000) training rows the fit is in the
-*small-data regime*: robust on, a small flow (one transform, 16x16 hidden units, unless the
-architecture is given), and batches of :math:`\mathrm{clip}(n/4, 16, 256)` rows, so that an epoch
+*small-data regime*: robust on, a small flow unless the architecture is given (one transform
+with 16x16 hidden units when there are fewer than :data:`ROWS_PER_FEATURE` (50) rows per feature,
+three transforms with 32x32 when there are more, as for a curved 2-D set of a few hundred rows),
+and batches of :math:`\mathrm{clip}(n/4, 16, 256)` rows, so that an epoch
 has several Adam steps. The per-flow defaults hold ~100k parameters; on a few hundred rows such a
 flow stays close to its random initialisation or fits the anomalies among the rows. At or above
 2,000 rows the fit is plain maximum likelihood with the per-flow defaults and batches of 256, as
@@ -49,6 +51,8 @@ from service.training.data import unbound_rows
 
 __all__ = [
     "SMALL_DATA_ROWS",
+    "MEDIUM_FLOW",
+    "ROWS_PER_FEATURE",
     "SMALL_FLOW",
     "TrainConfig",
     "TrainResult",
@@ -61,8 +65,11 @@ __all__ = [
 
 #: training rows below which the fit is in the small-data regime (robust, small flow, small batches)
 SMALL_DATA_ROWS = 2000
-#: the flow of the small-data regime when no architecture size is given
+#: the flow of the small-data regime when no architecture size is given (fewer than
+#: ROWS_PER_FEATURE rows per feature), and the one when there are more rows per feature
 SMALL_FLOW: dict[str, Any] = {"transforms": 1, "hidden_features": [16, 16]}
+MEDIUM_FLOW: dict[str, Any] = {"transforms": 3, "hidden_features": [32, 32]}
+ROWS_PER_FEATURE = 50
 
 
 @dataclass
@@ -117,8 +124,9 @@ def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return shift, scale
 
 
-def resolve(config: TrainConfig, rows: int) -> TrainConfig:
-    """``config`` with the data-dependent choices made for ``rows`` training rows (see the module doc)."""
+def resolve(config: TrainConfig, rows: int, features: int) -> TrainConfig:
+    """``config`` with the data-dependent choices made for ``rows`` training rows of ``features``
+    features (see the module doc)."""
     small = rows < SMALL_DATA_ROWS
     robust = small if config.robust is None else config.robust
     if config.batch_size is None:
@@ -127,7 +135,8 @@ def resolve(config: TrainConfig, rows: int) -> TrainConfig:
         batch = config.batch_size
     transforms, hidden = config.transforms, config.hidden_features
     if small and transforms is None and hidden is None:
-        transforms, hidden = SMALL_FLOW["transforms"], list(SMALL_FLOW["hidden_features"])
+        size = SMALL_FLOW if rows < ROWS_PER_FEATURE * features else MEDIUM_FLOW
+        transforms, hidden = size["transforms"], list(size["hidden_features"])
     if not 0.0 <= config.trim < 0.5:
         raise ValueError(f"trim must lie in [0, 0.5), got {config.trim}")
     return dataclasses.replace(config, robust=robust, batch_size=batch, transforms=transforms, hidden_features=hidden)
@@ -193,7 +202,7 @@ def fit(
     the number of training rows (:func:`resolve`); with ``robust`` both the batch loss and the
     validation criterion are the trimmed NLL (:func:`trimmed_nll`).
     """
-    config = resolve(config, x_train.shape[0])
+    config = resolve(config, x_train.shape[0], x_train.shape[1])
     with _threads(config.threads):
         return _fit(x_train, x_val, config, c_train, c_val, on_epoch, bounds)
 
