@@ -170,7 +170,7 @@ def test_refused_up_front_when_its_own_rows_cannot_finish_before_the_deadline() 
         try:
             # nothing measured yet: admitted (the next test: stopped between chunks once the rate says it cannot finish)
             assert worker.rows_per_second("m", Pass.ENCODE) is None
-            await worker.submit("m", model, Pass.ENCODE, marked(2048, 0.5, 6))
+            await worker.submit("m", model, Pass.ENCODE, marked(4096, 0.5, 6))  # enough full batches to decide on
             rate = worker.rows_per_second("m", Pass.ENCODE)
             assert rate is not None and rate <= 10_000
             calls = len(model.calls)
@@ -219,6 +219,29 @@ def test_admitted_before_a_rate_was_known_stops_once_it_cannot_finish() -> None:
             assert elapsed < 2.0, f"answered after {elapsed:.2f} s, at or past the deadline"
             assert 0 < computed < 20_000 and late.value.rows == 20_000 - computed
             assert "rows/s" in str(late.value) and worker.queued_rows() == 0
+        finally:
+            worker.stop(drain=False, timeout=10)
+
+    run(main())
+
+
+def test_a_rate_from_too_few_batches_refuses_nothing() -> None:
+    """A model's first chunks are small (256 rows) and slower per row than the slices after them: a
+    rate resting on fewer than DECIDING_BATCHES full batches admits (a 1e6-row moons sample that
+    finishes in 9 s was refused at once on a rate from two 256-row chunks)."""
+    from service.serving.batching.worker import DECIDING_BATCHES
+
+    async def main() -> None:
+        model = Recording(make_model(), seconds_per_row=1e-4)
+        worker = DeviceWorker("cpu", BatchingConfig(max_batch_rows=512))
+        worker.start()
+        try:
+            await worker.submit("m", model, Pass.ENCODE, marked(700, 0.5, 12))  # the warm-up batch + one
+            assert worker._rates[("m", Pass.ENCODE)].measurements < DECIDING_BATCHES
+            calls = len(model.calls)
+            with pytest.raises(WontFinish):  # admitted: refused only once enough batches say so
+                await worker.submit("m", model, Pass.ENCODE, marked(20_000, 2.5, 13), deadline=time.monotonic() + 1.0)
+            assert model.computed_any(2.5) and len(model.calls) > calls
         finally:
             worker.stop(drain=False, timeout=10)
 

@@ -69,6 +69,11 @@ class BulkRate:
         self._recent.append(rows / max(seconds, 1e-6))
         self.rows_per_second = max(self._recent)
 
+    @property
+    def measurements(self) -> int:
+        """How many full batches the rate rests on (at most ``keep``)."""
+        return len(self._recent)
+
     def seconds_for(self, rows: int) -> float | None:
         """Estimated seconds of compute for ``rows`` rows; ``None`` before any full batch ran."""
         rate = self.rows_per_second

@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DeviceWorker", "Reservation", "PROBE_ROWS"]
 
+#: full batches a measured rate must rest on before it may stop a job between its chunks
+DECIDING_BATCHES = 4
+
 log = logging.getLogger(__name__)
 
 #: With the time slice on, the most rows a large job runs in one chunk before its queue's
@@ -262,10 +265,15 @@ class DeviceWorker:
         """For a job cut into chunks, between its chunks: :class:`WontFinish` when even the best
         measured rate cannot start its last rows before the deadline (it was admitted before a rate
         was known, or the machine slowed down), so no more of it is computed in vain; else ``None``.
-        A chunk that starts before the deadline is let finish, hence the one slice of slack."""
+        A chunk that starts before the deadline is let finish, hence the one slice of slack. The
+        rate must rest on :data:`DECIDING_BATCHES` full batches: the first chunks of a job on a
+        fresh model are small (256 rows) and several times slower per row than the time slices
+        that follow (moons: 32k against 125k rows/s), and would stop jobs that finish in time."""
         if job.deadline is None:
             return None
         rate = self._rates.get((job.key, job.pass_))
+        if rate is None or rate.measurements < DECIDING_BATCHES:
+            return None
         left = job.n - job.done_rows
         seconds = None if rate is None else rate.seconds_for(left)
         budget = job.deadline - now
@@ -280,6 +288,8 @@ class DeviceWorker:
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("the deadline had passed when the request was submitted")
         rate = self._rates.get((key, pass_))
+        if rate is not None and rate.measurements < DECIDING_BATCHES:
+            rate = None  # too few full batches to refuse on (see _cannot_finish): admit
         own = None if (deadline is None or rate is None) else rate.seconds_for(n)
         budget = 0.0 if deadline is None else deadline - now
         if own is not None and own > budget:
