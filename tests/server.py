@@ -187,3 +187,20 @@ def running_servers(configs: Mapping[str, tuple[Path, dict[str, Any]]], tmp_path
     finally:
         for proc in procs.values():
             proc.terminate()
+
+
+def read_http_response(sock: socket.socket, timeout: float = 30.0) -> bytes:
+    """One whole HTTP/1.1 response (head and ``Content-Length`` body) read from a raw socket."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection mid-response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return head + b"\r\n\r\n" + body

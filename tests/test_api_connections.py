@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import ServerProcess, start_server
+from tests.server import ServerProcess, start_server, read_http_response
 
 
 LOG_PROB = b'{"inputs": [[0.5, 0.2]]}'
@@ -30,21 +30,6 @@ def _connect(server: ServerProcess) -> socket.socket:
     return s
 
 
-def _read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """One whole response (head and ``Content-Length`` body) from ``sock``."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the server closed the connection mid-response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "the server closed the connection mid-body"
-        body += chunk
-    return head + b"\r\n\r\n" + body
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
@@ -153,7 +138,7 @@ def test_a_head_written_with_a_large_body_in_one_send_is_not_taken_for_a_large_h
     s = _connect(timeouts_server)
     try:
         s.sendall(_request("/v1/models/moons/log_prob", body))
-        data = _read_response(s)
+        data = read_http_response(s, 10.0)
         assert data.startswith(b"HTTP/1.1 200 "), data[:200]
     finally:
         s.close()
@@ -164,7 +149,7 @@ def test_keep_alive_connections_are_reused_and_closed_after_idling(timeouts_serv
     try:
         for _ in range(3):  # the same connection serves several requests
             s.sendall(_request("/v1/models/moons/log_prob", LOG_PROB))
-            data = _read_response(s)
+            data = read_http_response(s, 10.0)
             assert data.startswith(b"HTTP/1.1 200 "), data
             assert b"connection: close" not in data.lower()
         closed, _ = _closed_within(s, 20)
@@ -193,7 +178,7 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(model_repo: Pa
             assert r.headers["connection"] == "close"
         # the connections already open are still served
         held[0].sendall(_request("/v1/models/moons/log_prob", LOG_PROB)[20:])
-        assert _read_response(held[0]).startswith(b"HTTP/1.1 200 ")
+        assert read_http_response(held[0], 10.0).startswith(b"HTTP/1.1 200 ")
         for s in held:
             s.close()
         held = []

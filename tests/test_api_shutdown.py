@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.server import ServerProcess, start_server
+from tests.server import ServerProcess, start_server, read_http_response
 
 
 
@@ -66,21 +66,6 @@ def test_sigterm_drains_in_flight_requests(model_repo: Path, tmp_path: Path) -> 
 
 
 
-def _read_response(sock: "socket.socket", timeout: float = 30.0) -> bytes:
-    """One whole response (head and ``Content-Length`` body) from ``sock``."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the server closed the connection mid-response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "the server closed the connection mid-body"
-        body += chunk
-    return head + b"\r\n\r\n" + body
 
 
 def _eof_within(sock: "socket.socket", seconds: float) -> bool:
@@ -106,7 +91,7 @@ def test_sigterm_closes_idle_connections_first_and_answers_with_connection_close
     client = server.client(timeout=30)
     try:
         idle.sendall(request)
-        first = _read_response(idle)
+        first = read_http_response(idle, 30.0)
         assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower()  # kept alive
         assert client.post("/v1/models/moons/log_prob", json={"inputs": [[0.1, 0.1]]}).status_code == 200
         busy.sendall(request)
@@ -120,7 +105,7 @@ def test_sigterm_closes_idle_connections_first_and_answers_with_connection_close
         assert _eof_within(idle, 3.0), "the idle kept-alive connection was not closed on SIGTERM"
         assert httpx.get(server.url + "/readyz", timeout=5).status_code == 503
         # the request in flight is answered, with Connection: close, and its connection closed
-        answer = _read_response(busy)
+        answer = read_http_response(busy, 30.0)
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert b"connection: close" in answer.lower()
         assert _eof_within(busy, 10.0)
