@@ -27,7 +27,7 @@ from service.settings import load_settings
 
 
 def test_the_table_names_each_operation_once() -> None:
-    assert len(NAMES) == len(TABLE) == len(set(NAMES)) == 5
+    assert len(NAMES) == len(TABLE) == len(set(NAMES)) == 6
     for op in TABLE:
         assert op.main_answer in op.answer_fields, op.name
         assert BY_NAME[op.name] is op
@@ -39,7 +39,7 @@ def test_the_math_is_the_function_named_after_each_operation() -> None:
 
 
 def test_internal_names_are_the_passes_outputs_or_the_operations_own() -> None:
-    own = {"score", "p_value", "is_anomaly"}  # computed by score from log_prob, not by a pass
+    own = {"score", "p_value", "is_anomaly", "contributions"}  # computed by score / explain, not by a pass
     for op in TABLE:
         for _, internal in op.fields:
             assert internal in PASS_OUTPUTS[op.pass_] or internal in own or (op.name == "sample" and internal == "z")

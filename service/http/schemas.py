@@ -42,6 +42,9 @@ __all__ = [
     "SampleParams",
     "SampleRequest",
     "SampleResponse",
+    "ExplainParams",
+    "ExplainRequest",
+    "ExplainResponse",
     "ScoreParams",
     "ScoreRequest",
     "ScoreResponse",
@@ -92,6 +95,10 @@ class ForwardParams(_Params):
     """``forward`` takes only arrays."""
 
 
+class ExplainParams(_Params):
+    """``explain`` takes only arrays."""
+
+
 class ScoreParams(_Params):
     alpha: float | None = Field(
         None, gt=0.0, lt=1.0, allow_inf_nan=False,
@@ -132,6 +139,13 @@ class InverseRequest(LogProbRequest):
     """Rows of data to map to latents, ``z = f⁻¹(x)``."""
 
 
+class ExplainRequest(ExplainParams):
+    """Rows of data whose log-density to split over their features."""
+
+    inputs: Rows = Field(..., description=ROWS_DOC)
+    context: Rows | None = Field(None, description=CONTEXT_DOC)
+
+
 class ScoreRequest(ScoreParams):
     """Rows of data to score against the model's calibration set."""
 
@@ -168,6 +182,7 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "forward": ForwardRequest,
     "sample": SampleRequest,
     "score": ScoreRequest,
+    "explain": ExplainRequest,
 }
 
 
@@ -175,7 +190,7 @@ def request_examples(operation: str) -> dict[str, dict[str, Any]]:
     """Named examples of an operation's body for the default models (``moons``, ``digits-cond``)."""
     moons_rows = [[0.0, 1.0], [1.0, -0.5]]
     moons_records = [{"x": 0.0, "y": 1.0}, {"x": 1.0, "y": -0.5}]
-    if operation in ("log_prob", "inverse"):
+    if operation in ("log_prob", "inverse", "explain"):
         return {
             "moons": {"summary": "moons: two rows", "value": {"inputs": moons_rows}},
             "moons-records": {"summary": "moons: rows as records", "value": {"inputs": moons_records}},
@@ -258,13 +273,25 @@ class ScoreResponse(_Answer):
     threshold: Threshold
 
 
+class ExplainResponse(_Answer):
+    contributions: list[NullableRow] = Field(
+        ..., description="Per-feature contribution of each row, (B, D) in feature order (null: NaN, e.g. a bounded "
+                         "feature outside its interval).")
+    log_prob: list[float | None] = Field(..., description="log p(x) of each row." + NONFINITE_DOC)
+    method: str = Field(..., description="`chain-rule` (exact: log p(x_i | x_<i)) or `occlusion` (approximate).",
+                        examples=["occlusion"])
+    exact: bool = Field(..., description="Whether each row's contributions sum to its log_prob by construction.")
+    feature_names: list[str] = Field(..., description="The features, in the order of the contributions.")
+
+
 #: operation -> the model of its scalar fields (query parameters with a binary or empty body)
 PARAMS: dict[str, type[BaseModel]] = {"log_prob": EncodeParams, "inverse": EncodeParams, "forward": ForwardParams,
-                                      "sample": SampleParams, "score": ScoreParams}
+                                      "sample": SampleParams, "score": ScoreParams,
+                                      "explain": ExplainParams}
 #: operation -> the model that documents its answer
 RESPONSE_MODELS: dict[str, type[BaseModel]] = {"log_prob": LogProbResponse, "inverse": InverseResponse,
                                                "forward": ForwardResponse, "sample": SampleResponse,
-                                               "score": ScoreResponse}
+                                               "score": ScoreResponse, "explain": ExplainResponse}
 
 
 class ProblemError(BaseModel):

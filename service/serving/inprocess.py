@@ -108,6 +108,17 @@ class LocalModel:
             anomaly_scores(np.empty(0), self.served, alpha)  # raises NoCalibration, naming the model
         return anomaly_scores(self.log_prob(inputs, context), self.served, alpha)
 
+    def explain(self, inputs: np.ndarray, context: np.ndarray | None = None) -> dict[str, Any]:
+        """Per-feature ``contributions``, ``log_prob``, ``method`` and ``exact``, as ``/explain``."""
+        import asyncio
+
+        from service.serving.operations import explain
+
+        block = self._rows(inputs, self.served.features, "inputs")
+        ctx = self._context(context, block.shape[0])
+        return asyncio.run(explain(_Direct(self), self.served, block.astype(np.float32),
+                                   None if ctx is None else ctx[0].astype(np.float32)))
+
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0,
                context: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``n`` rows as ``/sample`` draws them: ``samples``, ``log_prob`` and ``latents``.
@@ -120,3 +131,14 @@ class LocalModel:
         z = self.served.model.draw_latents(n, seed, temperature).numpy()
         out = self._pass(SAMPLE.pass_, z, context)
         return SAMPLE.select({**out, "z": z.astype(np.float64)})
+
+
+class _Direct:
+    """The worker's ``submit`` for :meth:`LocalModel.explain`: the encode pass run at once, in this thread."""
+
+    def __init__(self, local: LocalModel) -> None:
+        self.local = local
+
+    async def submit(self, key: Any, model: Any, pass_: Pass, rows: np.ndarray, context: np.ndarray | None = None,
+                     deadline: float | None = None) -> dict[str, np.ndarray]:
+        return self.local._pass(pass_, rows, context)

@@ -1,4 +1,4 @@
-r"""The five operations of the API on validated numpy rows, computed by the device worker.
+r"""The operations of the API on validated numpy rows, computed by the device worker.
 
 Every operation is one of the flow's two passes (see :mod:`service.serving.batching`): ``log_prob``,
 ``inverse`` and ``score`` are the *encode* pass :math:`x \mapsto z = f^{-1}(x)`; ``forward`` and
@@ -34,12 +34,12 @@ from service.serving.batching import Pass
 from service.accel.threads import one_intra_op_thread
 from service.serving.errors import NoCalibration
 from service.serving.registry import ServedModel
-from service.serving.table import FORWARD, INVERSE, LOG_PROB, SAMPLE
+from service.serving.table import EXPLAIN, FORWARD, INVERSE, LOG_PROB, SAMPLE
 
 if TYPE_CHECKING:
     from service.serving.batching import DeviceWorker
 
-__all__ = ["NoCalibration", "OperationError", "forward", "inverse", "log_prob", "sample", "score"]
+__all__ = ["NoCalibration", "OperationError", "explain", "forward", "inverse", "log_prob", "sample", "score"]
 
 #: Largest seed a request may give (torch generators take 64-bit seeds).
 MAX_SEED = (1 << 64) - 1
@@ -169,3 +169,54 @@ async def score(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
     scored = anomaly_scores(out["log_prob"], served, alpha)
     monitoring.observe(served, scored["log_prob"], scored["is_anomaly"])  # the drift monitor and flag counts
     return scored
+
+
+def _chain_rule(served: ServedModel, inputs: np.ndarray, context: np.ndarray | None) -> np.ndarray:
+    import torch
+
+    model = served.model
+    with one_intra_op_thread(), torch.no_grad():
+        x = torch.as_tensor(inputs, device=model.device)
+        c = None if context is None else torch.as_tensor(context, device=model.device)
+        return model.chain_rule_terms(x, c).cpu().numpy()
+
+
+def occlusion_baseline(served: ServedModel) -> np.ndarray:
+    """``(D,)`` the row the standardisation maps to 0 (its mean; the logit's centre for bounded features)."""
+    import torch
+
+    model = served.model
+    with torch.no_grad():
+        zero = torch.zeros(1, served.features, dtype=model.dtype, device=model.device)
+        return model.from_standardised(zero)[0].cpu().numpy()
+
+
+async def explain(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
+                  context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, Any]:
+    """``{"contributions": (B, D), "log_prob", "method", "exact", "feature_names"}``: per-feature terms.
+
+    - ``chain-rule`` (exact) where :attr:`DensityModel.chain_rule_exact` (``dz/dx`` lower-triangular by
+      construction): contribution :math:`i` is :math:`\\log p(x_i \\mid x_{<i})` and the row sums to
+      ``log_prob``. ``log_prob`` comes from the worker's encode pass; the terms from
+      :meth:`DensityModel.chain_rule_terms`, off the event loop.
+    - ``occlusion`` (approximate) otherwise: :math:`\\log p(x) - \\log p(x_{i \\leftarrow b_i})` with
+      :math:`b` the standardisation's centre (:func:`occlusion_baseline`), all ``B (D + 1)`` rows in one
+      encode pass of the worker. The sum need not equal ``log_prob``.
+    """
+    out = await _encode(worker, served, inputs, context, deadline)
+    lp = out["log_prob"]
+    if served.model.chain_rule_exact:
+        contributions = (await asyncio.to_thread(_chain_rule, served, inputs, context)).astype(lp.dtype)
+        method, exact = "chain-rule", True
+    else:
+        b, d = inputs.shape
+        occluded = np.repeat(inputs[:, None, :], d, axis=1)  # (B, D, D): row i of block r has feature i replaced
+        idx = np.arange(d)
+        occluded[:, idx, idx] = occlusion_baseline(served).astype(inputs.dtype)
+        ctx = None if context is None else np.repeat(context, d, axis=0)
+        occ = await worker.submit(served.key, served.model, Pass.ENCODE, occluded.reshape(b * d, d), ctx,
+                                  deadline=deadline)
+        contributions = lp[:, None] - occ["log_prob"].reshape(b, d)
+        method, exact = "occlusion", False
+    return {**EXPLAIN.select({"contributions": contributions, "log_prob": lp}), "method": method,
+            "exact": exact, "feature_names": list(served.feature_names)}

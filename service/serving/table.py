@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 from service.serving.batching.config import Pass
 
-__all__ = ["BY_NAME", "FORWARD", "INVERSE", "LOG_PROB", "NAMES", "Operation", "SAMPLE", "SCORE", "TABLE"]
+__all__ = ["BY_NAME", "EXPLAIN", "FORWARD", "INVERSE", "LOG_PROB", "NAMES", "Operation", "SAMPLE", "SCORE", "TABLE"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,16 @@ SCORE = Operation(
     "log-densities; `is_anomaly = p_value <= alpha`.",
     needs_calibration=True)
 
+EXPLAIN = Operation(
+    "explain", Pass.ENCODE, "inputs", (("contributions", "contributions"), ("log_prob", "log_prob")),
+    "contributions", "Per-feature contributions",
+    "Each row's `log p(x)` split over its features. `method: \"chain-rule\"` (`exact: true`) where the flow's "
+    "Jacobian is triangular in the feature order (one autoregressive transform with the identity order, e.g. "
+    "`maf`/`nsf-ar` with `transforms=1`): contribution `i` is `log p(x_i | x_<i)` and a row sums to `log_prob`. "
+    "Otherwise `method: \"occlusion\"` (`exact: false`): `log p(x) - log p(x with feature i set to the "
+    "standardisation's centre)`, an approximate attribution whose sum need not equal `log_prob`.")
+
 #: every operation, in documentation order
-TABLE: tuple[Operation, ...] = (LOG_PROB, INVERSE, FORWARD, SAMPLE, SCORE)
+TABLE: tuple[Operation, ...] = (LOG_PROB, INVERSE, FORWARD, SAMPLE, SCORE, EXPLAIN)
 BY_NAME: dict[str, Operation] = {op.name: op for op in TABLE}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

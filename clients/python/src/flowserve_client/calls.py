@@ -129,6 +129,11 @@ class Operations:
                         ["log_prob", "score", "p_value"])
         return self._run(call.then(_score_answer))
 
+    def explain(self, name: str, inputs: Rows, context: Rows | None = None, version: int | None = None) -> Any:
+        """Per-feature contributions: dict with ``contributions`` (B, D), ``log_prob``, ``method``, ``exact``."""
+        return self._run(self._op(name, version, "explain", "inputs", inputs, {"context": context},
+                                  ["contributions", "log_prob"]))
+
     def sample(self, name: str, n: int, seed: int | None = None, temperature: float | None = None,
                context: Rows | Mapping[str, float] | None = None, return_log_prob: bool = False,
                return_latents: bool = False, version: int | None = None) -> Any:
