@@ -74,11 +74,8 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The main test server over :func:`model_repo`, with default settings."""
-    proc = start_server(model_repo, tmp_path_factory.mktemp("server"))
-    try:
+    with start_server(model_repo, tmp_path_factory.mktemp("server")) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture(scope="session")

@@ -145,6 +145,12 @@ class ServerProcess:
         text = httpx.get(self.url + "/metrics", timeout=10.0).text
         return metric_value(text, name, **labels)
 
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
     def terminate(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -337,12 +337,9 @@ def test_binary_errors(client: httpx.Client, name: str, path: str, media: str, b
 # -- limits -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def limited(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(model_repo, tmp_path_factory.mktemp("binary-limited"), max_body_bytes=4096, max_rows=100,
-                        max_samples=100, max_queue_rows=1000, models="moons")
-    try:
+    with start_server(model_repo, tmp_path_factory.mktemp("binary-limited"), max_body_bytes=4096, max_rows=100,
+                        max_samples=100, max_queue_rows=1000, models="moons") as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 def test_binary_limits(limited: ServerProcess) -> None:

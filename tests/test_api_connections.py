@@ -52,12 +52,9 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
 
 @pytest.fixture(scope="module")
 def timeouts_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    proc = start_server(model_repo, tmp_path_factory.mktemp("timeouts"), header_timeout_s=1.0, body_timeout_s=1.0,
-                        timeout_keep_alive_s=1.0)
-    try:
+    with start_server(model_repo, tmp_path_factory.mktemp("timeouts"), header_timeout_s=1.0, body_timeout_s=1.0,
+                        timeout_keep_alive_s=1.0) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 def test_idle_and_slowloris_connections_are_closed_while_a_client_is_served(timeouts_server: ServerProcess) -> None:

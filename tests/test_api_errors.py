@@ -160,12 +160,9 @@ def test_json_with_charset_and_without_content_type(client: httpx.Client) -> Non
 # -- configured limits -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def limited(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(model_repo, tmp_path_factory.mktemp("limited"), max_body_bytes=4096, max_rows=100,
-                        max_samples=100, max_queue_rows=1000)
-    try:
+    with start_server(model_repo, tmp_path_factory.mktemp("limited"), max_body_bytes=4096, max_rows=100,
+                        max_samples=100, max_queue_rows=1000) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 def test_body_over_the_limit_by_content_length(limited: ServerProcess) -> None:

@@ -382,12 +382,9 @@ def key() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def configured(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(model_repo, tmp_path_factory.mktemp("v2-configured"), max_body_bytes=2048, max_rows=4,
-                        max_samples=4, max_queue_rows=100, api_keys="key-1,key-2")
-    try:
+    with start_server(model_repo, tmp_path_factory.mktemp("v2-configured"), max_body_bytes=2048, max_rows=4,
+                        max_samples=4, max_queue_rows=100, api_keys="key-1,key-2") as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -81,11 +81,8 @@ def bomb_stream() -> tuple[bytes, int]:
 
 @pytest.fixture(scope="module")
 def small_limit_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(model_repo, tmp_path_factory.mktemp("limits"), max_body_bytes=LIMIT, models="moons")
-    try:
+    with start_server(model_repo, tmp_path_factory.mktemp("limits"), max_body_bytes=LIMIT, models="moons") as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 def test_stored_and_deflated_members_read_as_np_savez_writes_them() -> None:

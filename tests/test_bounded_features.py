@@ -245,11 +245,8 @@ def test_cli_train_takes_bounds(tmp_path: Path, capsys: pytest.CaptureFixture[st
 # -- the HTTP answer -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bounded_server(bounded_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(bounded_repo, tmp_path_factory.mktemp("bounded-server"))
-    try:
+    with start_server(bounded_repo, tmp_path_factory.mktemp("bounded-server")) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 def test_api_answers_rows_outside_the_bounds_with_null_and_flags_them(bounded_server: ServerProcess) -> None:

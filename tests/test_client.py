@@ -310,9 +310,8 @@ def default_like_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def default_like_server(default_like_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     from tests.server import start_server
 
-    proc = start_server(default_like_repo, tmp_path_factory.mktemp("default-like-server"))
-    yield proc
-    proc.terminate()
+    with start_server(default_like_repo, tmp_path_factory.mktemp("default-like-server")) as proc:
+        yield proc
 
 
 def test_docs_examples_run(default_like_server: ServerProcess, default_like_repo: Path, tmp_path: Path,

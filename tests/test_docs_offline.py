@@ -35,11 +35,8 @@ pytestmark = pytest.mark.skipif(not (DEFAULT_MODELS / "moons").is_dir(), reason=
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(DEFAULT_MODELS, tmp_path_factory.mktemp("docs"))
-    try:
+    with start_server(DEFAULT_MODELS, tmp_path_factory.mktemp("docs")) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture(scope="module")

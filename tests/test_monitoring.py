@@ -193,11 +193,8 @@ def test_flag_counts() -> None:
 # -- over HTTP, on the default moons model --------------------------------------------------------
 @pytest.fixture(scope="module")
 def moons_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(DEFAULT_MODELS, tmp_path_factory.mktemp("monitoring"), models="moons")
-    try:
+    with start_server(DEFAULT_MODELS, tmp_path_factory.mktemp("monitoring"), models="moons") as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 def _moons(n: int, seed: int) -> np.ndarray:

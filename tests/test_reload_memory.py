@@ -30,11 +30,8 @@ MAX_GROWTH = 0.05
 @pytest.fixture(scope="module")
 def reload_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = Path(shutil.copytree(model_repo, tmp_path_factory.mktemp("reload-repo") / "repo"))
-    proc = start_server(repo, tmp_path_factory.mktemp("reload"), admin_key=ADMIN_KEY, models="moons", torchscript="true")
-    try:
+    with start_server(repo, tmp_path_factory.mktemp("reload"), admin_key=ADMIN_KEY, models="moons", torchscript="true") as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 def test_reloads_of_a_traced_model_return_their_memory(reload_server: ServerProcess) -> None:

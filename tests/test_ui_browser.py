@@ -44,11 +44,8 @@ SCREENSHOTS_ENV = "FLOWSERVE_UI_SCREENSHOTS"
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server on the committed default models, as ``make run`` serves them."""
-    proc = start_server(ROOT / "models", tmp_path_factory.mktemp("ui-server"))
-    try:
+    with start_server(ROOT / "models", tmp_path_factory.mktemp("ui-server")) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture(scope="module")
