@@ -15,13 +15,13 @@ in-process, so never lower than what the server's own thread setting would give.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
+from service.accel.threads import torch_threads
 from service.model.density import DensityModel
 from service.serving.registry import ModelRegistry
 from service.model.repository import ModelRepository
@@ -49,16 +49,6 @@ def realistic_rows(model: DensityModel, n: int, seed: int = 0, distinct: int = 4
     return np.ascontiguousarray(np.resize(x, (n, x.shape[1])))
 
 
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _sync(model: DensityModel) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -81,7 +71,7 @@ class Limit:
     def probe(self, batch: int) -> float:
         """Rows/s over one batch (after a smaller warm-up), one thread: to size the measured runs."""
         rows = min(self.max_rows, batch)
-        with _threads(1):
+        with torch_threads(1):
             self._run(max(1, rows // 8), batch)
             return rows / self._run(rows, batch)
 
@@ -95,7 +85,7 @@ class Limit:
         """
         runs: dict[str, list[float]] = {}
         for t in sorted(set(thread_counts)):
-            with _threads(t):
+            with torch_threads(t):
                 for b in sorted(set(min(b, n) for b in batch_sizes)):
                     self._run(min(n, b), b)  # warm-up
                     times: list[float] = []

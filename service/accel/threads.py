@@ -13,25 +13,33 @@ the device worker uses torch's threads.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator
 
 import torch
 
-__all__ = ["one_intra_op_thread"]
+__all__ = ["one_intra_op_thread", "torch_threads"]
 
 
 @contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Run the block on one torch intra-op thread (the calling thread's setting; restored after).
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block on ``count`` torch intra-op threads (``None``: unchanged), restored after.
 
     ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL thread counts and the
     default that threads which have not run torch yet start from; the device worker sets its own
     count before every batch that needs another one (:mod:`service.serving.batching.compute`).
     """
+    if count is None:
+        yield
+        return
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def one_intra_op_thread() -> AbstractContextManager[None]:
+    """Run the block on one torch intra-op thread (the calling thread's setting; restored after)."""
+    return torch_threads(1)

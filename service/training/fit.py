@@ -38,15 +38,15 @@ import copy
 import dataclasses
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from service.model.density import DensityModel
 from service.model.flows import flow_spec
+from service.accel.threads import torch_threads
 from service.training.data import unbound_rows
 
 __all__ = [
@@ -155,20 +155,6 @@ def trimmed_nll(log_p: torch.Tensor, trim: float) -> torch.Tensor:
     return -torch.topk(log_p, log_p.shape[0] - drop, sorted=False).values.mean()
 
 
-@contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """Run the block on ``count`` torch intra-op threads (``None``: unchanged), restored after."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def mean_nll(
     model: DensityModel, x: torch.Tensor, c: torch.Tensor | None, batch: int = 4096, trim: float = 0.0
 ) -> float:
@@ -203,7 +189,7 @@ def fit(
     validation criterion are the trimmed NLL (:func:`trimmed_nll`).
     """
     config = resolve(config, x_train.shape[0], x_train.shape[1])
-    with _threads(config.threads):
+    with torch_threads(config.threads):
         return _fit(x_train, x_val, config, c_train, c_val, on_epoch, bounds)
 
 
