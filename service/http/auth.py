@@ -9,8 +9,11 @@
   for that). An empty ``FLOWSERVE_ADMIN_KEY`` counts as unset.
 - ``/healthz``, ``/readyz``, ``/metrics``, ``/docs`` and ``/openapi.json`` stay open.
 
-Answers: no ``Authorization`` header, or not a ``Bearer`` one: 401 with ``WWW-Authenticate:
-Bearer``; a bearer token that is not a key of the endpoint: 403. Both problem+json.
+Refusals are domain errors (:class:`AuthError`: :class:`Unauthorized`, :class:`Forbidden`,
+:class:`AdminDisabled`) whose answers stand in the one status table,
+:data:`service.http.problems.DOMAIN_ANSWERS`: no ``Authorization`` header, or not a ``Bearer`` one:
+401 with ``WWW-Authenticate: Bearer realm="..."``; a bearer token that is not a key of the
+endpoint: 403. Both problem+json on ``/v1``, ``{"error"}`` on ``/v2``.
 
 The comparison: the token's and each key's SHA-256 digests (equal lengths, so nothing leaks
 through lengths) are compared with :func:`hmac.compare_digest` against *every* key, without
@@ -18,9 +21,9 @@ stopping at a match, so the time taken says nothing about which key, or how much
 Tokens are compared as the raw bytes of the header (latin-1, as HTTP carries them), keys as their
 UTF-8 bytes.
 
-For other routers (the Open Inference Protocol's): ``Depends(require_api_key)`` answers
-problem+json; :func:`check_api_key` raises :class:`AuthError` (``status``, ``detail``, ``headers``)
-for a router that writes its errors another way.
+``Depends(require_api_key)`` / ``Depends(require_admin_key)`` raise them for FastAPI's routes (the
+app's handlers answer them, /v2's route class in its own shape); :func:`check_api_key` and
+:func:`check_admin_key` raise them for code that is not a dependency (the fast router).
 """
 
 from __future__ import annotations
@@ -28,17 +31,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.serving.errors import FlowserveError
 from service.settings import Settings
-from service.http.problems import Problem
+
+if TYPE_CHECKING:
+    from service.http.problems import Problem
 
 __all__ = [
+    "AdminDisabled",
     "AuthError",
+    "Forbidden",
     "Keys",
+    "Unauthorized",
     "check_admin_key",
     "check_api_key",
     "install",
@@ -75,24 +84,42 @@ class Keys:
         return cls(api, _digest(admin_key.strip().encode("utf-8")) if admin_key.strip() else None)
 
 
-class AuthError(Exception):
-    """A request without the key it needs: ``status`` 401 or 403, a ``detail``, and ``headers``."""
+class AuthError(FlowserveError):
+    """A request without the key it needs (its answer: :data:`service.http.problems.DOMAIN_ANSWERS`)."""
 
-    def __init__(self, status: int, slug: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    def problem(self) -> "Problem":
+        """This refusal's answer from the status table, for a caller that answers it itself.
+
+        Kept for :class:`service.http.router.OperationFastPath`, which raises it; the app's handler
+        for the class (found along the MRO, as the fast router looks it up) gives the same answer.
+        """
+        from service.http.problems import domain_problem  # problems imports this module's classes
+
+        problem = domain_problem(self, None)
+        assert problem is not None, f"{type(self).__name__} has no row in DOMAIN_ANSWERS"
+        return problem
+
+
+class Unauthorized(AuthError):
+    """No bearer token where the endpoint needs a key (401, ``WWW-Authenticate: Bearer realm``)."""
+
+    def __init__(self, detail: str, realm: str) -> None:
         super().__init__(detail)
-        self.status = status
-        self.slug = slug
-        self.detail = detail
-        self.headers = dict(headers or {})
+        self.realm = realm
 
-    def problem(self) -> Problem:
-        return Problem(self.status, self.slug, self.detail, headers=self.headers)
+
+class Forbidden(AuthError):
+    """A bearer token that is not a key of the endpoint (403)."""
+
+
+class AdminDisabled(AuthError):
+    """Administration is off: the server has no admin key (403 ``admin-disabled``)."""
 
 
 def _keys(request: Request) -> Keys:
     keys = getattr(request.app.state, "flowserve_keys", None)
     if keys is None:  # an app built without install(): fail closed
-        raise AuthError(403, "forbidden", "this server's keys are not configured")
+        raise Forbidden("this server's keys are not configured")
     return keys
 
 
@@ -103,8 +130,7 @@ def _bearer(request: Request, realm: str) -> bytes:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         why = "no Authorization header" if not header.strip() else "the Authorization header is not 'Bearer <key>'"
-        raise AuthError(401, "unauthorized", f"{why}: this endpoint needs a key, sent as 'Authorization: Bearer <key>'",
-                        {"WWW-Authenticate": f'Bearer realm="{realm}"'})
+        raise Unauthorized(f"{why}: this endpoint needs a key, sent as 'Authorization: Bearer <key>'", realm)
     return token.encode("latin-1", "replace")
 
 
@@ -114,17 +140,16 @@ def check_api_key(request: Request) -> None:
     if not keys.api:
         return
     if not _matches(_bearer(request, "flowserve"), keys.api):
-        raise AuthError(403, "forbidden", "the key is not one of this server's API keys")
+        raise Forbidden("the key is not one of this server's API keys")
 
 
 def check_admin_key(request: Request) -> None:
     """Pass when the request carries the admin key; else :class:`AuthError` (403 when none is set)."""
     keys = _keys(request)
     if keys.admin is None:
-        raise AuthError(403, "admin-disabled", "administration is disabled on this server: set FLOWSERVE_ADMIN_KEY "
-                        "to enable /v1/admin")
+        raise AdminDisabled("administration is disabled on this server: set FLOWSERVE_ADMIN_KEY to enable /v1/admin")
     if not _matches(_bearer(request, "flowserve-admin"), (keys.admin,)):
-        raise AuthError(403, "forbidden", "the key is not this server's admin key (API keys never open /v1/admin)")
+        raise Forbidden("the key is not this server's admin key (API keys never open /v1/admin)")
 
 
 # -- FastAPI dependencies (documented as bearer security schemes in /docs) --------------------------------
@@ -136,20 +161,14 @@ _admin_scheme = HTTPBearer(auto_error=False, scheme_name="AdminKey",
 
 async def require_api_key(request: Request,
                           _credentials: HTTPAuthorizationCredentials | None = Depends(_api_scheme)) -> None:
-    """Dependency of the model endpoints: 401 / 403 problem+json unless the request may use them."""
-    try:
-        check_api_key(request)
-    except AuthError as e:
-        raise e.problem() from None
+    """Dependency of the model endpoints: :class:`AuthError` (401 / 403) unless the request may use them."""
+    check_api_key(request)
 
 
 async def require_admin_key(request: Request,
                             _credentials: HTTPAuthorizationCredentials | None = Depends(_admin_scheme)) -> None:
-    """Dependency of ``/v1/admin``: 401 / 403 problem+json unless the request carries the admin key."""
-    try:
-        check_admin_key(request)
-    except AuthError as e:
-        raise e.problem() from None
+    """Dependency of ``/v1/admin``: :class:`AuthError` (401 / 403) unless the request carries the admin key."""
+    check_admin_key(request)
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -24,12 +24,13 @@ the key ``x1`` of record 3; ``["path", "version"]`` a path parameter.
 Framework errors (unknown routes, wrong methods, invalid path parameters) and unexpected
 exceptions take the same shape through the handlers :func:`install` registers.
 
-The domain errors of serving (:mod:`service.serving.errors`, the device worker's
-:mod:`service.serving.batching.errors`) become answers through one status table,
-:data:`DOMAIN_ANSWERS`, looked up along the exception's MRO (:func:`domain_problem`): ``/v1``
-answers them as problem+json, ``/v2`` as ``{"error"}`` with the same status and detail. A
-``ValueError`` is deliberately not in it: inputs are validated at the edge, so one raised inside
-serving is a bug (500 ``internal-error``, logged), not the client's 400.
+The domain errors (:class:`service.serving.errors.FlowserveError`: edge validation, API keys,
+registry lookups and readiness, administration, the device worker, the operations) become
+answers through one status table, :data:`DOMAIN_ANSWERS`, looked up along the exception's MRO
+(:func:`domain_problem`): ``/v1`` answers them as problem+json, ``/v2`` as ``{"error"}`` with the
+same status, detail and headers. A ``ValueError`` is deliberately not in it: inputs are validated
+at the edge, so one raised inside serving is a bug (500 ``internal-error``, logged), not the
+client's 400.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from http import HTTPStatus
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import orjson
 from fastapi import FastAPI, Request
@@ -45,8 +46,19 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.http.auth import AdminDisabled, Forbidden, Unauthorized
+from service.serving.administration import InvalidName, LoadFailed, NotInRepository
 from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
-from service.serving.errors import NoCalibration
+from service.serving.errors import (
+    MAX_ERRORS,
+    InvalidField,
+    InvalidInput,
+    NoCalibration,
+    NotReady,
+    TooManyRows,
+    field_error,
+)
+from service.serving.registry import ModelNotFound, VersionNotFound
 
 __all__ = [
     "DOMAIN_ANSWERS",
@@ -64,19 +76,10 @@ log = logging.getLogger("flowserve.api")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:flowserve:problem:"
-#: most entries an ``errors`` list carries (the detail says how many more there were)
-MAX_ERRORS = 20
-
-Loc = Sequence[str | int]
 
 
 def problem_type(slug: str) -> str:
     return TYPE_PREFIX + slug
-
-
-def field_error(loc: Loc, msg: str) -> dict[str, Any]:
-    """One ``errors`` entry."""
-    return {"loc": list(loc), "msg": msg}
 
 
 class Problem(Exception):
@@ -180,15 +183,80 @@ def _no_calibration(exc: Any, settings: Any, timeout_s: float | None) -> Problem
     return Problem(409, "no-calibration", str(exc))
 
 
+def _not_ready(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem.unavailable("not-ready", str(exc), exc.retry_after)
+
+
+def _invalid(status: int, slug: str) -> Callable[[Any, Any, float | None], Problem]:
+    def answer(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+        return Problem(status, slug, exc.detail, errors=exc.errors)
+
+    return answer
+
+
+def _model_not_found(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(404, "model-not-found", f"no model named {exc.name!r}; this server has {exc.available}",
+                   errors=[field_error(("path", "name"), "unknown model")])
+
+
+def _version_not_found(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(404, "version-not-found",
+                   f"model {exc.name!r} has no version {str(exc.version)!r}; its versions are {exc.available}",
+                   errors=[field_error(("path", "version"), "unknown version")])
+
+
+def _invalid_name(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(400, "invalid-input", str(exc), errors=[field_error(("path", "name"), "not a model name")])
+
+
+def _not_in_repository(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(404, "model-not-found", str(exc), errors=[field_error(("path", "name"), "not in the repository")])
+
+
+def _load_failed(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(409, "load-failed", str(exc), extra={"serving": exc.serving})
+
+
+def _unauthorized(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+    return Problem(401, "unauthorized", str(exc), headers={"WWW-Authenticate": f'Bearer realm="{exc.realm}"'})
+
+
+def _refused(slug: str) -> Callable[[Any, Any, float | None], Problem]:
+    def answer(exc: Any, settings: Any, timeout_s: float | None) -> Problem:
+        return Problem(403, slug, str(exc))
+
+    return answer
+
+
 #: domain error class -> its answer, given the exception, the server's settings and the request's
-#: timeout in seconds (``None`` where the request set its own, as /v2's ``timeout``)
+#: timeout in seconds (``None`` where the request set its own, as /v2's ``timeout``); a subclass
+#: without a row of its own takes its nearest base's (``ModelNotReady`` and ``StillLoading`` are
+#: ``NotReady``)
 DOMAIN_ANSWERS: dict[type[Exception], Callable[[Any, Any, float | None], Problem]] = {
-    QueueFull: _queue_full,          # 503 queue-full, Retry-After
-    WontFinish: _wont_finish,        # 413 wont-finish
-    WorkerStopped: _draining,        # 503 draining, Retry-After: 1
-    DeadlineExceeded: _deadline,     # 504 deadline-exceeded
-    ComputeError: _compute_failed,   # 500 compute-failed
-    NoCalibration: _no_calibration,  # 409 no-calibration
+    # edge validation (service.http.codecs, service.serving.validation)
+    InvalidInput: _invalid(400, "invalid-input"),            # 400 invalid-input, errors
+    InvalidField: _invalid(422, "invalid-field"),            # 422 invalid-field, errors
+    TooManyRows: _invalid(413, "content-too-large"),         # 413 content-too-large, errors
+    # API keys (service.http.auth)
+    Unauthorized: _unauthorized,                             # 401 unauthorized, WWW-Authenticate
+    Forbidden: _refused("forbidden"),                        # 403 forbidden
+    AdminDisabled: _refused("admin-disabled"),               # 403 admin-disabled
+    # lookups (service.serving.registry) and readiness
+    ModelNotFound: _model_not_found,                         # 404 model-not-found
+    VersionNotFound: _version_not_found,                     # 404 version-not-found
+    NotReady: _not_ready,                                    # 503 not-ready, Retry-After
+    # administration (service.serving.administration)
+    InvalidName: _invalid_name,                              # 400 invalid-input
+    NotInRepository: _not_in_repository,                     # 404 model-not-found
+    LoadFailed: _load_failed,                                # 409 load-failed, serving
+    # the device worker (service.serving.batching)
+    QueueFull: _queue_full,                                  # 503 queue-full, Retry-After
+    WontFinish: _wont_finish,                                # 413 wont-finish
+    WorkerStopped: _draining,                                # 503 draining, Retry-After: 1
+    DeadlineExceeded: _deadline,                             # 504 deadline-exceeded
+    ComputeError: _compute_failed,                           # 500 compute-failed
+    # the operations (service.serving.operations)
+    NoCalibration: _no_calibration,                          # 409 no-calibration
 }
 
 

@@ -16,17 +16,14 @@ from fastapi import Request
 
 from service.serving.batching import BatchingConfig, DeviceWorker
 from service.serving.metrics import Metrics
-from service.serving.registry import ModelNotFound, ModelNotReady, ModelRegistry, ModelState, ServedModel, VersionNotFound
+from service.serving.errors import LOADING_RETRY_S, NotReady
+from service.serving.registry import ModelRegistry, ModelState, ServedModel
 from service.model.repository import ModelRepository
 from service.settings import Settings
-from service.http.problems import Problem, field_error
 
-__all__ = ["ServiceState", "get_state"]
+__all__ = ["LOADING_RETRY_S", "ServiceState", "get_state"]
 
 log = logging.getLogger("flowserve.api")
-
-#: Retry-After while models load, seconds
-LOADING_RETRY_S = 5.0
 
 
 class ServiceState:
@@ -101,21 +98,12 @@ class ServiceState:
 
     # -- lookups for handlers --------------------------------------------------------------------
     def lookup(self, name: str, version: str | int | None = None) -> ServedModel:
-        """The model for a request, or the 404 / 503 problem that says why not."""
+        """The model for a request; else the domain error that says why not (answered by the status
+        table, :data:`service.http.problems.DOMAIN_ANSWERS`): :class:`NotReady` while the server starts,
+        the registry's ``ModelNotFound`` / ``VersionNotFound`` (404) and ``ModelNotReady`` (503)."""
         if self.registry is None or self.worker is None:
-            raise Problem.unavailable("not-ready", "the server is starting", LOADING_RETRY_S)
-        try:
-            return self.registry.get(name, version)
-        except ModelNotFound as e:
-            raise Problem(404, "model-not-found", f"no model named {name!r}; this server has {e.available}",
-                          errors=[field_error(("path", "name"), "unknown model")]) from None
-        except VersionNotFound as e:
-            raise Problem(404, "version-not-found",
-                          f"model {name!r} has no version {str(version)!r}; its versions are {e.available}",
-                          errors=[field_error(("path", "version"), "unknown version")]) from None
-        except ModelNotReady as e:
-            retry = LOADING_RETRY_S if e.state is ModelState.LOADING else 30.0
-            raise Problem.unavailable("not-ready", str(e), retry) from None
+            raise NotReady("the server is starting", LOADING_RETRY_S)
+        return self.registry.get(name, version)
 
 
 def get_state(request: Request) -> ServiceState:

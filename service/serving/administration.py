@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from service.model.artifact import check_name
 from service.accel.memory import release_freed_memory
+from service.serving.errors import FlowserveError, NotReady
 from service.serving.registry import ModelEntry, ModelRegistry, ModelState
 
 __all__ = ["AdminError", "AdminResult", "InvalidName", "LoadFailed", "ModelAdmin", "NotInRepository", "StillLoading"]
@@ -36,8 +37,8 @@ __all__ = ["AdminError", "AdminResult", "InvalidName", "LoadFailed", "ModelAdmin
 log = logging.getLogger("flowserve.admin")
 
 
-class AdminError(Exception):
-    """Base of the refusals of :class:`ModelAdmin`."""
+class AdminError(FlowserveError):
+    """Base of the refusals of :class:`ModelAdmin` (each has its row in the HTTP layer's status table)."""
 
 
 class InvalidName(AdminError, ValueError):
@@ -64,8 +65,8 @@ class LoadFailed(AdminError):
         super().__init__(f"model {name!r} failed to load: {error}{still}")
 
 
-class StillLoading(AdminError):
-    """The model is in its first load at server start; try again once it is ready."""
+class StillLoading(AdminError, NotReady):
+    """The model is in its first load at server start; try again once it is ready (``retry_after``)."""
 
 
 @dataclass(frozen=True)

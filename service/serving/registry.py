@@ -28,6 +28,7 @@ from service.model.density import DensityModel
 from service.accel.threads import one_intra_op_thread
 from service.model.repository import ModelRepository
 from service.accel.torchscript import try_trace
+from service.serving.errors import FAILED_RETRY_S, LOADING_RETRY_S, FlowserveError, NotReady
 
 __all__ = [
     "ModelEntry",
@@ -44,7 +45,7 @@ __all__ = [
 log = logging.getLogger("flowserve.registry")
 
 
-class RegistryError(Exception):
+class RegistryError(FlowserveError):
     """Base of the registry's lookup errors."""
 
 
@@ -67,15 +68,16 @@ class VersionNotFound(RegistryError, LookupError):
         super().__init__(f"model {name!r} has no version {version!r}; versions: {available}")
 
 
-class ModelNotReady(RegistryError):
-    """The model is configured but not (yet, or not successfully) loaded."""
+class ModelNotReady(RegistryError, NotReady):
+    """The model is configured but not (yet, or not successfully) loaded; retry after ``retry_after``."""
 
     def __init__(self, name: str, state: "ModelState", error: str | None = None) -> None:
         self.name = name
         self.state = state
         self.error = error
         why = f"failed to load: {error}" if state is ModelState.FAILED else "is still loading"
-        super().__init__(f"model {name!r} {why}")
+        super().__init__(f"model {name!r} {why}",
+                         LOADING_RETRY_S if state is ModelState.LOADING else FAILED_RETRY_S)
 
 
 class ModelState(str, Enum):

@@ -2,9 +2,11 @@
 
 Each answers the model's list entry (as in ``GET /v1/models``) after the change, with ``action``
 (``loaded``, ``reloaded``, ``unloaded`` or ``unchanged``) and ``previous_versions`` (the versions
-served before). Refusals, all problem+json: 400 for a name that is not a model name, 404 for a
-name the repository does not hold, 409 ``load-failed`` when the repository's versions do not load
-(nothing changes: the old versions keep serving), 503 while the model is in its first load. The
+served before). Refusals are :class:`~service.serving.administration.AdminError` s, answered by the
+status table :data:`service.http.problems.DOMAIN_ANSWERS`, all problem+json: 400 for a name that is
+not a model name, 404 for a name the repository does not hold, 409 ``load-failed`` when the
+repository's versions do not load (nothing changes: the old versions keep serving), 503 while the
+model is in its first load. The
 key checks (:func:`service.http.auth.require_admin_key`) are added where the router is included.
 """
 
@@ -17,16 +19,9 @@ from fastapi import APIRouter, Path, Request
 from pydantic import Field
 from starlette.responses import Response
 
-from service.serving.administration import (
-    AdminResult,
-    InvalidName,
-    LoadFailed,
-    ModelAdmin,
-    NotInRepository,
-    StillLoading,
-)
+from service.serving.administration import AdminResult, ModelAdmin
+from service.serving.errors import NotReady
 from service.model.artifact import NAME_PATTERN
-from service.http.problems import Problem, field_error
 from service.http.responses import NumpyJSONResponse
 from service.http.schemas import ModelSummary
 from service.http.state import LOADING_RETRY_S, ServiceState, get_state
@@ -66,7 +61,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 def _admin(request: Request) -> tuple[ServiceState, ModelAdmin]:
     state = get_state(request)
     if state.registry is None or state.worker is None:
-        raise Problem.unavailable("not-ready", "the server is starting", LOADING_RETRY_S)
+        raise NotReady("the server is starting", LOADING_RETRY_S)
     admin = getattr(request.app.state, "flowserve_admin", None)
     if admin is None or admin.registry is not state.registry:
         admin = ModelAdmin(state.registry)
@@ -88,18 +83,8 @@ def _answer(state: ServiceState, result: AdminResult, action: str) -> dict[str, 
 
 async def _change(request: Request, name: str, change: str, action: str) -> Response:
     state, admin = _admin(request)
-    try:
+    try:  # a refusal (AdminError) is answered by the status table, service.http.problems.DOMAIN_ANSWERS
         result = await asyncio.to_thread(getattr(admin, change), name)
-    except InvalidName as e:
-        raise Problem(400, "invalid-input", str(e),
-                      errors=[field_error(("path", "name"), "not a model name")]) from None
-    except NotInRepository as e:
-        raise Problem(404, "model-not-found", str(e),
-                      errors=[field_error(("path", "name"), "not in the repository")]) from None
-    except LoadFailed as e:
-        raise Problem(409, "load-failed", str(e), extra={"serving": e.serving}) from None
-    except StillLoading as e:
-        raise Problem.unavailable("not-ready", str(e), LOADING_RETRY_S) from None
     finally:
         if state.registry is not None:
             state.metrics.models_ready.set(1 if state.registry.ready else 0)

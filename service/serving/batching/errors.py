@@ -13,10 +13,12 @@ Each maps to one HTTP answer in the API layer, which is the only place that know
 
 from __future__ import annotations
 
+from service.serving.errors import FlowserveError
+
 __all__ = ["BatchingError", "QueueFull", "WontFinish", "DeadlineExceeded", "WorkerStopped", "ComputeError"]
 
 
-class BatchingError(Exception):
+class BatchingError(FlowserveError):
     """Base class of every error the device worker answers a request with."""
 
 
