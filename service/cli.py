@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "service.commands.serve",
     "models": "service.commands.models",
     "score": "service.commands.score",
+    "explain": "service.commands.explain",
     "sample": "service.commands.sample",
 }
 
@@ -23,7 +24,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     does not pay for importing torch when another subcommand needs it)."""
     parser = argparse.ArgumentParser(
         prog="flowserve",
-        description="Serve exact log-densities, samples, latents and anomaly scores from normalizing flows.",
+        description="Serve exact log-densities, samples, latents, anomaly scores and their per-feature explanations "
+                    "from normalizing flows.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""``flowserve models``, ``score`` and ``sample``: real subprocesses, real files, real models and a real
+"""``flowserve models``, ``score``, ``explain`` and ``sample``: real subprocesses, real files, real models and a real
 server (the session's :mod:`tests.conftest`); the in-process and ``--url`` paths give the same
 numbers. Refusals are checked through :func:`service.cli.main` (the same code, without a process
 start each) and once through a subprocess, for the absence of a traceback."""
@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from flowserve_client import Client
 from service.model.calibration import Calibration
 from service.cli import main
 from service.serving.inprocess import LocalModel
-from tests.server import ROOT, ServerProcess, free_port
-from tests.tolerance import assert_batch_invariant
+from tests.server import ROOT, ServerProcess, free_port, start_server
+from tests.tolerance import BATCH_ULPS, assert_batch_invariant, ulp_tolerance
 
 
 
@@ -180,6 +181,88 @@ def test_score_conditional_context_by_column_file_and_npz(model_repo: Path, serv
         assert_batch_invariant(floats(read_csv(out)["log_prob"]), b["log_prob"], np.float32)
 
 
+# -- explain -----------------------------------------------------------------------------------------------
+AR_FEATURES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def ar_repo(tmp_path_factory: pytest.TempPathFactory, blob_rows: tuple[np.ndarray, np.ndarray]) -> Path:
+    """A repository with ``ar``: one MAF transform (identity order) on 3-D blobs, so explanations are exact."""
+    from service.training.data import Dataset
+    from service.training.fit import TrainConfig
+    from service.training.run import train_and_save
+
+    root = tmp_path_factory.mktemp("ar-models")
+    config = TrainConfig(flow="maf", transforms=1, hidden_features=[16, 16], epochs=8, batch_size=128,
+                         patience=50, max_minutes=0.5, seed=0)
+    train_and_save(Dataset(blob_rows[0], None, AR_FEATURES, [], "blobs"), "ar", root, config)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ar_server(ar_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with start_server(ar_repo, tmp_path_factory.mktemp("ar-server")) as proc:
+        yield proc
+
+
+def test_explain_autoregressive_rows_sum_to_log_prob(ar_repo: Path, ar_server: ServerProcess, tmp_path: Path) -> None:
+    x = np.random.default_rng(4).normal(scale=2.0, size=(150, 3))
+    x[0] = [9.0, -9.0, 9.0]  # far out: large terms
+    data = tmp_path / "rows.csv"
+    with open(data, "w", newline="") as f:  # columns in another order than the model's: read by name
+        w = csv.writer(f)
+        w.writerow(["c", "a", "b"])
+        w.writerows([[repr(r[2]), repr(r[0]), repr(r[1])] for r in x.tolist()])
+
+    local = cli("explain", data, "--model", "ar", "--model-dir", ar_repo, "--batch-size", "64")
+    remote = cli("explain", data, "--model", "ar", "--url", ar_server.url, "--batch-size", "40",
+                 "-o", tmp_path / "remote.npz")
+    assert local.returncode == 0 and remote.returncode == 0, local.stderr + remote.stderr
+    summary = "ar v1: 150 rows explained by chain-rule (exact: each row's contributions sum to its log_prob)\n"
+    assert local.stderr == summary and remote.stderr == summary
+
+    out = read_csv(_write(tmp_path / "local.csv", local.stdout))
+    assert list(out) == ["log_prob", *AR_FEATURES] and len(out["log_prob"]) == len(x)
+    lp = floats(out["log_prob"])
+    terms = np.stack([floats(out[name]) for name in AR_FEATURES], axis=1)
+    # the chain rule: log p(x) = sum_i log p(x_i | x_<i), up to float32 rounding of D terms' magnitudes
+    atol = ulp_tolerance(np.abs(terms).sum(axis=1), BATCH_ULPS, np.float32)
+    np.testing.assert_allclose(terms.sum(axis=1), lp, rtol=0, atol=atol)
+    model = LocalModel.load(ar_repo, "ar")
+    assert_batch_invariant(lp, model.log_prob(x), np.float32)  # and log_prob is the model's
+
+    npz = np.load(tmp_path / "remote.npz")
+    assert npz["method"].item() == "chain-rule" and npz["exact"].item() is True
+    assert npz["feature_names"].tolist() == AR_FEATURES and npz["contributions"].shape == (150, 3)
+    assert_batch_invariant(npz["contributions"], terms, np.float32)
+    assert_batch_invariant(npz["log_prob"], lp, np.float32)
+    assert_batch_invariant(npz["contributions"].sum(axis=1), npz["log_prob"], np.float32)
+
+
+def test_explain_occlusion_in_process_and_through_server_agree(model_repo: Path, server: ServerProcess,
+                                                               tmp_path: Path) -> None:
+    x = moons_points(60, seed=8)
+    np.save(tmp_path / "x.npy", x)
+    local = cli("explain", tmp_path / "x.npy", "--model", "moons", "--model-dir", model_repo, "-o", tmp_path / "a.npy")
+    assert local.returncode == 0, local.stderr
+    assert "explained by occlusion (approximate: the contributions need not sum to log_prob)" in local.stderr
+    out = tmp_path / "b.csv"  # the same CLI code in this process, to save a start-up
+    assert main(["explain", str(tmp_path / "x.npy"), "--model", "moons", "--url", server.url, "-q",
+                 "-o", str(out)]) == 0
+    a, b = np.load(tmp_path / "a.npy"), read_csv(out)
+    assert a.dtype.names == ("log_prob", "x0", "x1") and list(b) == ["log_prob", "x0", "x1"]
+    for name in a.dtype.names:
+        assert_batch_invariant(floats(b[name]), a[name], np.float32, err_msg=name)
+    with Client(server.url) as client:  # the numbers are the server's /explain
+        want = client.explain("moons", x)
+    assert want["method"] == "occlusion" and want["exact"] is False
+    assert_batch_invariant(np.stack([a["x0"], a["x1"]], axis=1), want["contributions"], np.float32)
+    assert_batch_invariant(a["log_prob"], want["log_prob"], np.float32)
+    # occlusion terms are no split of log_prob: the check of the exact test above tells them apart
+    sums = a["x0"] + a["x1"]
+    assert np.abs(sums - a["log_prob"]).max() > 1.0
+
+
 # -- sample ------------------------------------------------------------------------------------------------
 def test_sample_in_process_and_through_server_agree(model_repo: Path, server: ServerProcess, tmp_path: Path) -> None:
     local = cli("sample", "--model", "moons", "-n", "300", "--seed", "5", "--batch-size", "128",
@@ -217,7 +300,7 @@ def test_sample_conditional_and_npy(model_repo: Path, tmp_path: Path) -> None:
 
 
 # -- help and refusals ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["models", "score", "sample"])
+@pytest.mark.parametrize("command", ["models", "score", "explain", "sample"])
 def test_help_has_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -254,6 +337,10 @@ CASES = [
     (["score", "{d}/ok.csv", "--model", "cond"], "model 'cond' is conditional"),
     (["score", "{d}/ok.csv", "--model", "nocal"], "has no calibration set"),
     (["score", "{d}/ok.csv", "--model", "moons", "--alpha", "1.5"], "--alpha must lie in (0, 1)"),
+    (["explain", "{d}/ok.csv", "--model", "cond"], "model 'cond' is conditional"),
+    (["explain", "{d}/wide.npy", "--model", "moons"], "2-D array with 2 columns, got shape (3, 5)"),
+    (["explain", "{d}/ok.csv", "--model", "moons", "-o", "{d}/out.txt"], "unsupported output type"),
+    (["explain", "{d}/ok.csv", "--model", "moons", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["sample", "--model", "moons", "-n", "0"], "-n must be >= 1"),
     (["sample", "--model", "cond", "-n", "3", "--context", "c0=1"], "missing ['c1', 'c2']"),
     (["sample", "--model", "moons", "-n", "3", "--context", "1"], "this model takes no context"),
@@ -276,6 +363,7 @@ def test_refusals_are_one_line_with_status_2(argv: list[str], message: str, mode
     (["score", "{d}/ok.csv", "--model", "moons", "--version", "7"], "server answered 404"),
     (["score", "{d}/ok.csv", "--model", "nocal"], "server answered 409"),
     (["sample", "--model", "cond", "-n", "2"], "model 'cond' is conditional"),
+    (["explain", "{d}/ok.csv", "--model", "nope"], "server answered 404 Not Found: no model named 'nope'"),
 ])
 def test_refusals_through_the_server(argv: list[str], message: str, server: ServerProcess, bad_files: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:

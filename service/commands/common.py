@@ -1,11 +1,11 @@
-"""What the ``models``, ``score`` and ``sample`` subcommands share.
+"""What the ``models``, ``score``, ``explain`` and ``sample`` subcommands share.
 
 - the *source* of a model: a running server (``--url``, through :class:`flowserve_client.Client`, the
   separate ``flowserve-client`` distribution of ``clients/python``, imported only there) or
   the model repository loaded in this process (``--model-dir``, through
   :class:`service.serving.inprocess.LocalModel`); both expose the same small interface, :class:`Source`;
-- reading rows from ``.csv`` / ``.npy`` / ``.npz`` files by the model's feature and context names,
-  and writing named columns to ``.csv`` (or stdout), structured ``.npy``, or ``.npz``;
+- the arguments of the commands that read rows from a file (``score``, ``explain``) and the reading
+  itself, from ``.csv`` / ``.npy`` / ``.npz`` files by the model's feature and context names, and writing named columns to ``.csv`` (or stdout), structured ``.npy``, or ``.npz``;
 - one-line errors with exit status 2 (never a traceback) and a progress bar on stderr.
 
 torch is imported only when a model is loaded in process, so ``--url`` calls start fast.
@@ -31,12 +31,15 @@ __all__ = [
     "EPILOG_FORMATS",
     "CommandError",
     "Source",
+    "add_rows_arguments",
     "add_source_arguments",
+    "check_rows_arguments",
     "chunks",
     "guarded",
     "open_source",
     "parse_context",
     "progress",
+    "read_inputs",
     "read_rows",
     "write_columns",
 ]
@@ -105,6 +108,8 @@ class Source(Protocol):
 
     def score(self, inputs: np.ndarray, context: np.ndarray | None, alpha: float | None) -> dict[str, Any]: ...
 
+    def explain(self, inputs: np.ndarray, context: np.ndarray | None) -> dict[str, Any]: ...
+
     def sample(self, n: int, seed: int | None, temperature: float,
                context: np.ndarray | None) -> dict[str, np.ndarray]: ...
 
@@ -123,10 +128,55 @@ class RemoteModel:
     def score(self, inputs: np.ndarray, context: np.ndarray | None, alpha: float | None) -> dict[str, Any]:
         return self.client.score(self.name, inputs, context=context, alpha=alpha, version=self.version)
 
+    def explain(self, inputs: np.ndarray, context: np.ndarray | None) -> dict[str, Any]:
+        return self.client.explain(self.name, inputs, context=context, version=self.version)
+
     def sample(self, n: int, seed: int | None, temperature: float,
                context: np.ndarray | None) -> dict[str, np.ndarray]:
         return self.client.sample(self.name, n, seed=seed, temperature=temperature, context=context,
                                   return_log_prob=True, version=self.version)
+
+
+def add_rows_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The input file (``what``: e.g. "rows to score"), ``--model``, ``--context-file``, ``--output``,
+    ``--batch-size`` and ``--quiet`` of a command that computes one answer row per input row."""
+    parser.add_argument("file", type=Path, help=f"{what}: .csv, .npy or .npz")
+    parser.add_argument("--model", required=True, help="model name")
+    parser.add_argument("--context-file", type=Path, default=None,
+                        help="context rows for a conditional model (.csv/.npy/.npz, one row per input row, "
+                             "or one row for all); else context columns of the CSV are used")
+    parser.add_argument("--output", "-o", type=Path, default=None,
+                        help="OUT.csv, OUT.npy or OUT.npz (default: CSV on stdout)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows per request or per pass (default: 4096)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary on stderr")
+
+
+def check_rows_arguments(args: argparse.Namespace) -> None:
+    """Refuse a ``--batch-size`` below 1 and a missing input file (before a model is loaded)."""
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be >= 1")
+    if not args.file.is_file():
+        raise CommandError(f"{args.file}: no such file")
+
+
+def read_inputs(args: argparse.Namespace, source: "Source") -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows of ``args.file`` and their context (from its columns or ``--context-file``; one
+    context row is repeated for every input row), checked against ``source``'s features and context."""
+    x, context = read_rows(args.file, source.feature_names, source.context_names)
+    if args.context_file is not None:
+        if context is not None:
+            raise CommandError(f"context given twice: by columns of {args.file} and by --context-file")
+        context = read_context(args.context_file, source.context_names)
+        if context.shape[0] == 1:
+            context = np.repeat(context, x.shape[0], axis=0)
+        if context.shape[0] != x.shape[0]:
+            raise CommandError(f"{args.context_file}: {context.shape[0]} context rows for {x.shape[0]} input rows")
+    if source.context_names and context is None:
+        raise CommandError(f"model {source.name!r} is conditional: give its context {source.context_names} "
+                           f"as columns of {args.file.name} or with --context-file")
+    if not source.context_names and context is not None:
+        raise CommandError(f"model {source.name!r} takes no context")
+    return x, context
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:

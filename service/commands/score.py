@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from service.commands.common import (
     EPILOG_FORMATS,
     CommandError,
-    add_source_arguments,
-    chunks,
     Source,
+    add_rows_arguments,
+    add_source_arguments,
+    check_rows_arguments,
+    chunks,
     guarded,
     open_source,
     progress,
-    read_context,
-    read_rows,
+    read_inputs,
     write_columns,
 )
 
@@ -51,16 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__.split("\n\n", 1)[1], epilog=EXAMPLES + "\n" + EPILOG_FORMATS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("file", type=Path, help="rows to score: .csv, .npy or .npz")
-    p.add_argument("--model", required=True, help="model name")
-    p.add_argument("--context-file", type=Path, default=None,
-                   help="context rows for a conditional model (.csv/.npy/.npz, one row per input row, "
-                        "or one row for all); else context columns of the CSV are used")
+    add_rows_arguments(p, "rows to score")
     p.add_argument("--alpha", type=float, default=None,
                    help="level at which a row is an anomaly, p_value <= alpha (default: the model's, else 0.01)")
-    p.add_argument("--output", "-o", type=Path, default=None, help="OUT.csv, OUT.npy or OUT.npz (default: CSV on stdout)")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per request or per pass (default: 4096)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary on stderr")
     add_source_arguments(p)
     p.set_defaults(run=run)
     return p
@@ -68,31 +61,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 @guarded
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise CommandError("--batch-size must be >= 1")
+    check_rows_arguments(args)
     if args.alpha is not None and not 0.0 < args.alpha < 1.0:
         raise CommandError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    if not args.file.is_file():
-        raise CommandError(f"{args.file}: no such file")
     with open_source(args) as source:
         return _score(args, source)
 
 
 def _score(args: argparse.Namespace, source: Source) -> int:
-    x, context = read_rows(args.file, source.feature_names, source.context_names)
-    if args.context_file is not None:
-        if context is not None:
-            raise CommandError(f"context given twice: by columns of {args.file} and by --context-file")
-        context = read_context(args.context_file, source.context_names)
-        if context.shape[0] == 1:
-            context = np.repeat(context, x.shape[0], axis=0)
-        if context.shape[0] != x.shape[0]:
-            raise CommandError(f"{args.context_file}: {context.shape[0]} context rows for {x.shape[0]} input rows")
-    if source.context_names and context is None:
-        raise CommandError(f"model {source.name!r} is conditional: give its context {source.context_names} "
-                           f"as columns of {args.file.name} or with --context-file")
-    if not source.context_names and context is not None:
-        raise CommandError(f"model {source.name!r} takes no context")
+    x, context = read_inputs(args, source)
 
     parts: list[dict] = []
     with progress(x.shape[0], args.quiet) as bar:
