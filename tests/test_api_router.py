@@ -1,17 +1,27 @@
-"""The operations' fast path (:mod:`service.http.router`) answers exactly as the FastAPI routes do.
+"""The operation router (:mod:`service.http.router`) is the one router of the operation POSTs.
 
-In this process, one app from :func:`service.http.create_app` is served by two uvicorn servers on
-loopback ports: ``fast`` serves it behind :class:`OperationFastPath` (as ``flowserve serve`` does,
-and runs the app's lifespan through it), ``plain`` serves the FastAPI app itself. A pure ASGI
-middleware added to the app records every request that reaches the app, so the tests see which
-requests the fast path answered without it. Every request of :data:`COMMON` (and, where the
-server has API keys, :data:`KEYED`) goes to both; status, headers (but ``date``) and body must be
-equal byte for byte, and the requests the fast path should take must never reach the app. The
-handler's metrics still count the fast path's answers.
+The app of :func:`service.http.create_app` answers every operation ``POST`` with its router, ahead
+of FastAPI, in every configuration; FastAPI's operation routes only document them. In this
+process, uvicorn servers on loopback ports serve two apps of the same settings:
 
-Before the app's lifespan ran (driven in-process with ``httpx.ASGITransport``) both answer the same
-503 ``not-ready`` with ``Retry-After``. Last, a ``flowserve serve`` subprocess (the real wiring)
-answers the same requests as the plain FastAPI app of the same settings.
+- ``plain``: app A as it is (it runs A's lifespan);
+- ``mounted``: app A behind uvicorn's ``root_path="/prefix"`` (as behind a proxy that strips
+  ``/prefix``: the scope's ``root_path`` is ``/prefix`` and its path starts with it);
+- ``debug``: app B, with FastAPI's own ``root_path="/prefix"`` and ``debug=True``.
+
+A pure ASGI middleware added to both apps records every request that reaches FastAPI's middleware,
+so the tests see which requests the router answered without FastAPI. Every request of
+:data:`COMMON` (and, where the server has API keys, :data:`KEYED`) goes to all three: ``plain``
+must answer the status the table gives; ``mounted`` and ``debug`` the same status, headers (but
+``date``) and body byte for byte once ``/prefix`` is taken out of what they write (the problem's
+``instance``, ``Location``); the requests the router should take never reach FastAPI on any of
+them, and the handler's metrics count them. In debug mode a bug gets Starlette's traceback.
+
+Before the app's lifespan ran (driven in-process with ``httpx.ASGITransport``) operations answer
+503 ``not-ready`` with ``Retry-After``, with or without a ``root_path``. A ``flowserve serve``
+subprocess (the real wiring, load shedding in front) answers as the in-process app. The OpenAPI
+document still lists every operation of :data:`service.serving.table.TABLE`, on both paths, from
+the documenting routes.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,11 +40,15 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.http import create_app
-from service.http.router import OperationFastPath, match_operation
+from service.http.router import match_operation, route_path
 from service.http.routes.operations import ENDPOINTS
+from service.http.schemas import REQUEST_MODELS, RESPONSE_MODELS
+from service.serving import operations
+from service.serving.table import TABLE
 from service.settings import load_settings
 from tests.server import free_port, metric_value, start_server
 
@@ -59,7 +74,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class Req:
-    """One request, what it must answer, and whether the fast path answers it (else the app does)."""
+    """One request, what it must answer, and whether the operation router answers it (else FastAPI does)."""
 
     method: str
     path: str
@@ -69,6 +84,9 @@ class Req:
     headers: dict[str, str] = field(default_factory=dict)
     #: send the API key where the server has keys (the auth rows send their own Authorization)
     auth: bool = True
+    #: whether the servers' answers must be equal; not where they rightly differ: a card's drift counts
+    #: (what its app served), the OpenAPI document's ``servers`` (FastAPI lists the ``root_path`` there)
+    compared: bool = True
 
     def __str__(self) -> str:
         return f"{self.method} {self.path} {self.headers or ''}"
@@ -109,6 +127,7 @@ COMMON: tuple[Req, ...] = (
     Req("POST", f"{M}/mo%20ons/log_prob", 404, True, _json({"inputs": X}), JSON_CT),  # decoded: 'mo ons'
     Req("POST", f"{M}/versions/log_prob", 404, True, _json({"inputs": X}), JSON_CT),  # a model named 'versions'
     # not the operations' paths or methods: FastAPI answers
+    Req("POST", f"{M}/moons/log_prob%0A", 404, False, _json({"inputs": X}), JSON_CT),  # a documenting route's 404
     Req("POST", f"{M}/moons/log_prob/", 307, False, _json({"inputs": X}), JSON_CT),
     Req("POST", f"{M}/moons/versions/1/log_prob/", 307, False, _json({"inputs": X}), JSON_CT),
     Req("GET", f"{M}/moons/log_prob", 405, False),
@@ -121,10 +140,10 @@ COMMON: tuple[Req, ...] = (
     Req("POST", f"{M}/moons%2Fx/log_prob", 404, False, _json({"inputs": X}), JSON_CT),  # decoded: three segments
     Req("POST", f"{M}/moons/1/log_prob", 404, False, _json({"inputs": X}), JSON_CT),
     Req("POST", f"{M}/moons/versions/1/2/log_prob", 404, False, _json({"inputs": X}), JSON_CT),
-    Req("GET", f"{M}/moons", 200, False),
-    Req("GET", f"{M}/moons/versions/1", 200, False),
+    Req("GET", f"{M}/moons", 200, False, compared=False),
+    Req("GET", f"{M}/moons/versions/1", 200, False, compared=False),
     Req("GET", "/healthz", 200, False),
-    Req("GET", "/openapi.json", 200, False),
+    Req("GET", "/openapi.json", 200, False, compared=False),
     Req("POST", "/v2/models/moons/infer", 200, False,
         _json({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP64", "data": [0.1, 0.2, 1.0, -0.5]}]}),
         JSON_CT),
@@ -149,8 +168,11 @@ KEYED: tuple[Req, ...] = (
 
 
 # -- servers in this process ----------------------------------------------------------------------
+PREFIX = "/prefix"
+
+
 class Recorder:
-    """Pure ASGI middleware: notes ``(port, method, path)`` of every HTTP request reaching the app."""
+    """Pure ASGI middleware: notes ``(port, method, path)`` of every HTTP request reaching FastAPI."""
 
     def __init__(self, app: ASGIApp, seen: list[tuple[int, str, str]]) -> None:
         self.app = app
@@ -162,36 +184,43 @@ class Recorder:
         await self.app(scope, receive, send)
 
 
-class Pair:
-    """One app, served at ``fast`` behind :class:`OperationFastPath` and at ``plain`` as it is."""
+class Servers:
+    """Apps A and B of one set of settings, served as ``plain``, ``mounted`` and ``debug`` (see the module)."""
+
+    NAMES = ("plain", "mounted", "debug")
 
     def __init__(self, model_repo: Path, **settings: Any) -> None:
         self.settings = load_settings(model_dir=str(model_repo), **settings)
-        self.app = create_app(self.settings)
         self.seen: list[tuple[int, str, str]] = []
-        self.app.add_middleware(Recorder, seen=self.seen)
-        self.fast_port, self.plain_port = free_port(), free_port()
-        self.fast_url = f"http://127.0.0.1:{self.fast_port}"
-        self.plain_url = f"http://127.0.0.1:{self.plain_port}"
+        self.app = create_app(self.settings)
+        debug_app = create_app(self.settings)
+        debug_app.root_path, debug_app.debug = PREFIX, True
+        for app in (self.app, debug_app):
+            app.add_middleware(Recorder, seen=self.seen)
+        self.ports = {name: free_port() for name in self.NAMES}
+        self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
         common = dict(host="127.0.0.1", log_level="warning", log_config=None, server_header=False)
-        # the fast one runs the app's lifespan (so it reaches the app through the wrapper)
-        self._fast = uvicorn.Server(uvicorn.Config(OperationFastPath(self.app), port=self.fast_port, lifespan="on",
-                                                   **common))
-        self._plain = uvicorn.Server(uvicorn.Config(self.app, port=self.plain_port, lifespan="off", **common))
+
+        def server(name: str, app: FastAPI, **extra: Any) -> uvicorn.Server:
+            return uvicorn.Server(uvicorn.Config(app, port=self.ports[name], **common, **extra))
+
+        self._servers = [server("plain", self.app, lifespan="on"),
+                         server("mounted", self.app, lifespan="off", root_path=PREFIX),
+                         server("debug", debug_app, lifespan="on")]
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
 
     async def _serve(self) -> None:
-        await asyncio.gather(self._fast.serve(), self._plain.serve())
+        await asyncio.gather(*(s.serve() for s in self._servers))
 
-    def __enter__(self) -> "Pair":
+    def __enter__(self) -> "Servers":
         self._thread.start()
         end = time.monotonic() + 120
         with httpx.Client(timeout=5.0) as c:
             while time.monotonic() < end:
                 assert self._thread.is_alive(), "the in-process servers stopped"
                 try:
-                    if (self._plain.started and c.get(self.plain_url + "/readyz").status_code == 200
-                            and c.get(self.fast_url + "/readyz").status_code == 200):
+                    if all(s.started for s in self._servers) and all(
+                            c.get(url + "/readyz").status_code == 200 for url in self.urls.values()):
                         return self
                 except httpx.TransportError:
                     pass
@@ -199,18 +228,19 @@ class Pair:
         raise RuntimeError("in-process servers not ready after 120 s")
 
     def __exit__(self, *exc: Any) -> None:
-        self._fast.should_exit = self._plain.should_exit = True
+        for s in self._servers:
+            s.should_exit = True
         self._thread.join(60)
 
-    def reached_app(self, port: int) -> list[tuple[str, str]]:
-        return [(method, path) for p, method, path in self.seen if p == port]
+    def reached_fastapi(self, name: str) -> list[tuple[str, str]]:
+        return [(method, path) for port, method, path in self.seen if port == self.ports[name]]
 
 
 @pytest.fixture(scope="module", params=["open", "keyed"])
-def pair(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[Pair]:
+def servers(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[Servers]:
     extra = {"api_keys": KEY} if request.param == "keyed" else {}
-    with Pair(model_repo, **SETTINGS, **extra) as p:
-        yield p
+    with Servers(model_repo, **SETTINGS, **extra) as s:
+        yield s
 
 
 # -- comparing answers ----------------------------------------------------------------------------
@@ -221,76 +251,113 @@ def _send(client: httpx.Client, req: Req, keyed: bool) -> httpx.Response:
     return client.request(req.method, req.path, headers=headers, content=req.body)
 
 
+#: a time in an answer (a model card's load time differs between apps A and B)
+TIME = re.compile(rb'"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)"')
+
+
 def _seen(response: httpx.Response, base: str) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers but ``date`` (the server's own URL in ``location`` made neutral), body."""
-    headers = [(k, v.replace(base, "BASE")) for k, v in response.headers.multi_items() if k != "date"]
-    return response.status_code, headers, response.content
+    """Status, headers and body, with the server's own URL made neutral, ``/prefix`` taken out and times
+    masked; without ``date`` and ``content-length`` (the body's length, which ``/prefix`` changes)."""
+    headers = [(k, v.replace(base, "BASE").replace(PREFIX, "")) for k, v in response.headers.multi_items()
+               if k not in ("date", "content-length")]
+    return response.status_code, headers, TIME.sub(b'"TIME"', response.content.replace(PREFIX.encode(), b""))
 
 
-def _compare(fast_url: str, plain_url: str, requests: tuple[Req, ...], keyed: bool) -> None:
-    with httpx.Client(base_url=fast_url, timeout=60.0) as fast, httpx.Client(base_url=plain_url, timeout=60.0) as plain:
+def _compare(reference_url: str, urls: list[str], requests: tuple[Req, ...], keyed: bool) -> None:
+    """Each request answers at ``reference_url`` the status the table says, and the same at each of ``urls``."""
+    clients = [httpx.Client(base_url=url, timeout=60.0) for url in (reference_url, *urls)]
+    try:
         for req in requests:
-            want = _seen(_send(plain, req, keyed), plain_url)
-            got = _seen(_send(fast, req, keyed), fast_url)
-            assert want[0] == req.status, f"{req}: the FastAPI app answered {want[0]}, the table says {req.status}"
-            assert got == want, f"{req}: the fast path's answer differs from FastAPI's"
+            want = _seen(_send(clients[0], req, keyed), reference_url)
+            assert want[0] == req.status, f"{req}: answered {want[0]}, the table says {req.status}"
+            for url, client in zip(urls, clients[1:]):
+                if not req.compared:
+                    assert _send(client, req, keyed).status_code == req.status, f"{req}: {url}"
+                    continue
+                assert _seen(_send(client, req, keyed), url) == want, f"{req}: {url} answers otherwise"
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _table(keyed: bool) -> tuple[Req, ...]:
     return COMMON + KEYED if keyed else COMMON
 
 
-def test_answers_equal_the_fastapi_routes(pair: Pair) -> None:
-    keyed = bool(pair.settings.api_keys)
-    _compare(pair.fast_url, pair.plain_url, _table(keyed), keyed)
+def test_answers_are_the_same_with_root_path_and_debug(servers: Servers) -> None:
+    keyed = bool(servers.settings.api_keys)
+    _compare(servers.urls["plain"], [servers.urls["mounted"], servers.urls["debug"]], _table(keyed), keyed)
 
 
-def test_operations_never_reach_the_app_and_the_rest_does(pair: Pair) -> None:
-    keyed = bool(pair.settings.api_keys)
+def test_operations_never_reach_fastapi_and_the_rest_does(servers: Servers) -> None:
+    keyed = bool(servers.settings.api_keys)
     table = _table(keyed)
-    del pair.seen[:]
-    with httpx.Client(base_url=pair.fast_url, timeout=60.0) as fast, \
-            httpx.Client(base_url=pair.plain_url, timeout=60.0) as plain:
-        for req in table:
-            _send(fast, req, keyed)
-            _send(plain, req, keyed)
-    # the paths as the app sees them: percent-decoded, without the query
+    del servers.seen[:]
+    for url in servers.urls.values():
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            for req in table:
+                _send(client, req, keyed)
+    # the paths as FastAPI sees them: percent-decoded, without the query; uvicorn's root_path in front
     expected = [(req.method, httpx.URL(req.path).path) for req in table if not req.fast]
-    assert pair.reached_app(pair.fast_port) == expected
-    assert pair.reached_app(pair.plain_port) == [(req.method, httpx.URL(req.path).path) for req in table]
+    assert servers.reached_fastapi("plain") == expected
+    assert servers.reached_fastapi("debug") == expected
+    assert servers.reached_fastapi("mounted") == [(method, PREFIX + path) for method, path in expected]
 
 
-def test_metrics_count_the_fast_path_answers(pair: Pair) -> None:
-    """The handler's own bookkeeping runs on the fast path: each answer is counted once, by status."""
-    keyed = bool(pair.settings.api_keys)
+def test_metrics_count_the_routers_answers(servers: Servers) -> None:
+    """The handler's own bookkeeping runs for the router's answers: each is counted once, by status."""
+    keyed = bool(servers.settings.api_keys)
 
     def count(status: str) -> float:
-        text = httpx.get(pair.plain_url + "/metrics", timeout=10.0).text
+        text = httpx.get(servers.urls["plain"] + "/metrics", timeout=10.0).text
         return metric_value(text, "flowserve_requests_total", operation="score", status=status)
 
     before_ok, before_404 = count("200"), count("404")
-    with httpx.Client(base_url=pair.fast_url, timeout=60.0) as fast:
-        for _ in range(3):
-            assert _send(fast, Req("POST", f"{M}/moons/score", 200, True, _json({"inputs": X}), JSON_CT),
-                         keyed).status_code == 200
-        assert _send(fast, Req("POST", f"{M}/moons/versions/7/score", 404, True, _json({"inputs": X}), JSON_CT),
-                     keyed).status_code == 404
-    assert count("200") - before_ok == 3
-    assert count("404") - before_404 == 1
+    for url in (servers.urls["plain"], servers.urls["mounted"]):  # both app A
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            for _ in range(3):
+                assert _send(client, Req("POST", f"{M}/moons/score", 200, True, _json({"inputs": X}), JSON_CT),
+                             keyed).status_code == 200
+            assert _send(client, Req("POST", f"{M}/moons/versions/7/score", 404, True, _json({"inputs": X}),
+                                     JSON_CT), keyed).status_code == 404
+    assert count("200") - before_ok == 6
+    assert count("404") - before_404 == 2
 
 
-def test_not_ready_answers_equal(model_repo: Path) -> None:
-    """Before the lifespan ran (no worker, no models) both answer the same 503 with ``Retry-After``."""
+def _bug(*args: Any, **kwargs: Any) -> Any:
+    raise ValueError("a bug inside serving, not the client's input")
+
+
+def test_a_bug_is_a_problem_and_in_debug_mode_a_traceback(servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``debug`` the catch-all handler's 500 problem; with it Starlette's traceback, as its
+    ``ServerErrorMiddleware`` gives in debug mode (the servers run in this process, so the patch reaches them)."""
+    keyed = bool(servers.settings.api_keys)
+    req = Req("POST", f"{M}/moons/log_prob", 500, True, _json({"inputs": X}), JSON_CT)
+    monkeypatch.setattr(operations, "log_prob", _bug)
+    for name in ("plain", "mounted"):
+        with httpx.Client(base_url=servers.urls[name], timeout=60.0) as client:
+            r = _send(client, req, keyed)
+        assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json", (name, r.text)
+        assert r.json()["type"] == "urn:flowserve:problem:internal-error" and "a bug inside" not in r.text
+    with httpx.Client(base_url=servers.urls["debug"], timeout=60.0) as client:
+        r = _send(client, req, keyed)
+    assert r.status_code == 500 and r.headers["content-type"].startswith("text/plain"), r.text
+    assert "Traceback" in r.text and "ValueError: a bug inside serving" in r.text
+
+
+def test_not_ready_answers(model_repo: Path) -> None:
+    """Before the lifespan ran (no worker, no models) operations answer 503 ``not-ready`` with
+    ``Retry-After``, the same with a ``root_path`` as without."""
     app = create_app(load_settings(model_dir=str(model_repo), **SETTINGS))  # its lifespan never runs here
 
-    def client(asgi: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t")
+    def client(root_path: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path=root_path), base_url="http://t")
 
     async def answers() -> None:
-        async with client(app) as plain, client(OperationFastPath(app)) as fast:
+        async with client("") as plain, client(PREFIX) as mounted:
             for path in (f"{M}/moons/log_prob", f"{M}/moons/versions/1/score"):
                 want = await plain.post(path, json={"inputs": X})
-                got = await fast.post(path, json={"inputs": X})
+                got = await mounted.post(path, json={"inputs": X})
                 assert want.status_code == 503 and want.headers["retry-after"] == "5"
                 assert want.json()["type"] == "urn:flowserve:problem:not-ready"
                 assert (got.status_code, got.headers.multi_items(), got.content) == \
@@ -300,14 +367,40 @@ def test_not_ready_answers_equal(model_repo: Path) -> None:
 
 
 # -- the wiring of `flowserve serve` --------------------------------------------------------------
-def test_flowserve_serve_answers_as_the_fastapi_app(model_repo: Path, tmp_path: Path) -> None:
-    """A ``flowserve serve`` subprocess (the app behind the fast path) against the plain FastAPI app."""
-    served = start_server(model_repo, tmp_path, api_keys=KEY, **LIMITS)  # device cpu, log level warning
-    try:
-        with Pair(model_repo, api_keys=KEY, **SETTINGS) as reference:
-            _compare(served.url, reference.plain_url, COMMON + KEYED, keyed=True)
-    finally:
-        served.terminate()
+def test_flowserve_serve_answers_as_the_app(model_repo: Path, tmp_path: Path) -> None:
+    """A ``flowserve serve`` subprocess (load shedding in front of the app) against the app in this process."""
+    with start_server(model_repo, tmp_path, api_keys=KEY, **LIMITS) as served:  # device cpu, log level warning
+        with Servers(model_repo, api_keys=KEY, **SETTINGS) as reference:
+            _compare(reference.urls["plain"], [served.url], COMMON + KEYED, keyed=True)
+
+
+# -- the documentation ----------------------------------------------------------------------------
+@pytest.mark.parametrize("keyed", [False, True])
+def test_the_document_lists_every_operation_on_both_paths(keyed: bool) -> None:
+    """The documenting routes give each operation of the table, on both paths, with its models."""
+    doc = create_app(load_settings(device="cpu", **({"api_keys": KEY} if keyed else {}))).openapi()
+    schemas = doc["components"]["schemas"]
+    documented = {path for path in doc["paths"] if path.startswith(f"{M}/{{name}}/")
+                  and "post" in doc["paths"][path]}
+    assert documented == {p for op in TABLE for p in (f"{M}/{{name}}/{op.name}",
+                                                      f"{M}/{{name}}/versions/{{version}}/{op.name}")}
+    for op in TABLE:
+        for path, op_id, params in ((f"{M}/{{name}}/{op.name}", op.name, ["name"]),
+                                    (f"{M}/{{name}}/versions/{{version}}/{op.name}", f"{op.name}_version",
+                                     ["name", "version"])):
+            item = doc["paths"][path]
+            assert set(item) == {"post"}, path
+            post = item["post"]
+            assert post["operationId"] == op_id and post["tags"] == ["operations"]
+            assert post["summary"].startswith(op.summary) and post["description"].startswith(op.description)
+            assert [p["name"] for p in post["parameters"] if p["in"] == "path"] == params
+            request = post["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+            assert request == REQUEST_MODELS[op.name].__name__ and request in schemas
+            answer = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+            assert answer == RESPONSE_MODELS[op.name].__name__ and answer in schemas
+            assert set(schemas[answer]["properties"]) >= set(op.answer_fields)
+            assert ("409" in post["responses"]) == op.needs_calibration
+            assert post.get("security") == ([{"APIKey": []}] if keyed else None), path
 
 
 # -- the matching itself --------------------------------------------------------------------------
@@ -336,3 +429,14 @@ def test_every_operation_is_matched_on_both_paths() -> None:
     for endpoint in ENDPOINTS:
         assert match_operation(f"{M}/a/{endpoint.name}") == ("a", None, endpoint)
         assert match_operation(f"{M}/a/versions/3/{endpoint.name}") == ("a", "3", endpoint)
+
+
+@pytest.mark.parametrize("path, root_path, expected", [
+    ("/v1/models/moons/log_prob", "", "/v1/models/moons/log_prob"),
+    ("/prefix/v1/models/moons/log_prob", "/prefix", "/v1/models/moons/log_prob"),
+    ("/v1/models/moons/log_prob", "/prefix", "/v1/models/moons/log_prob"),  # a proxy stripped it
+    ("/prefixed/v1/models/moons/log_prob", "/prefix", "/prefixed/v1/models/moons/log_prob"),
+    ("/prefix", "/prefix", ""),
+])
+def test_route_path_takes_the_root_path_out(path: str, root_path: str, expected: str) -> None:
+    assert route_path({"type": "http", "path": path, "root_path": root_path}) == expected

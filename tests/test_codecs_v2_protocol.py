@@ -15,7 +15,10 @@ import numpy as np
 import orjson
 import pytest
 
+from service.http.codecs import v2_protocol
+from service.http.codecs.bodies import OFF_LOOP_BYTES
 from service.http.codecs.v2_protocol import (
+    DATATYPES,
     HEADER_LENGTH,
     RequestedOutput,
     V2Error,
@@ -229,3 +232,53 @@ def test_datatype_names_and_error_answers() -> None:
     response = V2Error(503, "the model is not ready", {"Retry-After": "2"}).response()
     assert response.status_code == 503 and orjson.loads(response.body) == {"error": "the model is not ready"}
     assert response.headers["content-type"] == "application/json" and response.headers["retry-after"] == "2"
+
+
+# -- big bodies: parsed in pieces ------------------------------------------------------------------
+def big_request(shape: str, datatype: str, fault: str | None = None) -> tuple[bytes, np.ndarray]:
+    """A request over :data:`OFF_LOOP_BYTES`: input ``x`` of 40,000 x 2 values, ``data`` flat or rows."""
+    rows = np.random.default_rng(9).standard_normal((40_000, 2)) * 10.0 ** np.random.default_rng(9).integers(-5, 5, (40_000, 2))
+    data: Any = rows.tolist() if shape == "rows" else rows.ravel().tolist()
+    if fault == "null":
+        data[31_337] = [1.0, None] if shape == "rows" else None
+    elif fault == "ragged":
+        data[31_337] = [1.0, 2.0, 3.0] if shape == "rows" else [1.0]
+    elif fault == "wide for FP32":
+        data[31_337] = [1.0, 1e39] if shape == "rows" else 1e39
+    body = orjson.dumps({"id": "big", "inputs": [tensor(data, [40_000, 2], datatype, "x"),
+                                                  tensor([[1.0, 0.0]] * 40_000, [40_000, 2], datatype, "context")],
+                         "outputs": [{"name": "log_prob"}]})
+    assert len(body) > OFF_LOOP_BYTES
+    return body, rows
+
+
+@pytest.mark.parametrize("shape", ["rows", "flat"])
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_a_big_body_parses_to_the_small_paths_tensors(shape: str, datatype: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    body, rows = big_request(shape, datatype)
+    kinds: list[type] = []
+    real = v2_protocol._json_data
+    monkeypatch.setattr(v2_protocol, "_json_data", lambda name, data, *a: kinds.append(type(data)) or real(name, data, *a))
+    got = parse_infer_request(body)
+    assert kinds == [np.ndarray, np.ndarray]  # both data arrays came from the pieces as numbers
+    monkeypatch.setattr(v2_protocol, "_json_data", real)
+    monkeypatch.setattr(v2_protocol, "loads_json", lambda head, *a, **k: orjson.loads(head))  # the small path
+    want = parse_infer_request(body)
+    for name in ("x", "context"):
+        a, b = got.inputs[name], want.inputs[name]
+        assert (a.shape, a.datatype, a.array.dtype) == (b.shape, b.datatype, b.array.dtype) == ((40_000, 2), datatype,
+                                                                                                DATATYPES[datatype])
+        np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_array_equal(got.inputs["x"].array, rows.astype(DATATYPES[datatype]))
+    assert got.id == want.id == "big" and got.outputs == want.outputs
+
+
+@pytest.mark.parametrize("shape", ["rows", "flat"])
+@pytest.mark.parametrize("fault", ["null", "ragged", "wide for FP32"])
+def test_a_big_bodys_errors_are_the_small_paths(shape: str, fault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    body, _ = big_request(shape, "FP32", fault)
+    got = error(lambda: parse_infer_request(body))
+    monkeypatch.setattr(v2_protocol, "loads_json", lambda head, *a, **k: orjson.loads(head))
+    want = error(lambda: parse_infer_request(body))
+    assert (got.status, got.message) == (want.status, want.message) and got.status == 400

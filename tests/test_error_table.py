@@ -3,8 +3,8 @@
 Inputs are validated at the edge (the codecs and parameter models), so no request can make
 serving raise a ``ValueError``: to see what the API answers when one is raised anyway (a bug),
 the operation's math is replaced in-process (``monkeypatch``) by one that raises it, and the app
-of :func:`service.http.create_app` - behind the fast router, as ``flowserve serve`` runs it, and
-on its own - is driven through Starlette's ``TestClient`` with its lifespan (real models, real
+of :func:`service.http.create_app` (its operation router answers ``/v1``'s operations, FastAPI
+``/v2``) is driven through Starlette's ``TestClient`` with its lifespan (real models, real
 worker). ``/v2`` answers the same bug 500 in its own shape. The table's rows are checked by the
 class each error is, along its MRO.
 """
@@ -21,7 +21,6 @@ from starlette.testclient import TestClient
 
 from service.http import create_app
 from service.http.problems import DOMAIN_ANSWERS, domain_problem
-from service.http.router import OperationFastPath
 from service.serving import operations
 from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from service.serving.errors import FlowserveError, NoCalibration
@@ -30,11 +29,10 @@ from service.settings import load_settings
 X = [[0.1, 0.2], [1.0, -0.5]]
 
 
-@pytest.fixture(scope="module", params=["router", "fastapi"])
-def app_client(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[TestClient]:
+@pytest.fixture(scope="module")
+def app_client(model_repo: Path) -> Iterator[TestClient]:
     app = create_app(load_settings(model_dir=str(model_repo), device="cpu", log_level="warning"))
-    asgi: Any = OperationFastPath(app) if request.param == "router" else app
-    with TestClient(asgi, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         deadline = time.monotonic() + 120.0  # the models load in a thread after the lifespan starts
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, client.get("/readyz").text

@@ -170,3 +170,53 @@ def test_big_bodies_are_cut_into_pieces_of_about_piece_bytes(monkeypatch: pytest
     assert got["n"] == 1
     assert len(calls) >= len(body) // 4096 - 1
     assert max(calls) < 4096 + 100  # a piece ends at the first comma after PIECE_BYTES
+
+
+V2_DATA = ("inputs", json_pieces.EACH, "data")
+
+
+def v2_body(x: Any, context: Any) -> bytes:
+    return orjson.dumps({"id": "q", "inputs": [{"name": "x", "shape": [20, 2], "datatype": "FP64", "data": x},
+                                               {"name": "context", "shape": [20, 1], "datatype": "FP64",
+                                                "data": context}],
+                         "outputs": [{"name": "log_prob"}], "data": list(range(60))})
+
+
+def test_arrays_at_a_path_with_each_come_as_numbers_flat_or_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v2's tensor data: at ("inputs", EACH, "data"), rows as (n, w) and, with flat, flat lists as (n,)."""
+    monkeypatch.setattr(json_pieces, "PIECE_BYTES", 128)  # more than a row, less than a data array
+    x = ROW_VALUES[:20, :2]
+    body = v2_body(x.tolist(), x[:, 0].tolist())
+    want = orjson.loads(body)
+    got = loads_in_pieces(body, frozenset({V2_DATA}), flat=True)
+    assert isinstance(got["inputs"][0]["data"], np.ndarray) and got["inputs"][0]["data"].shape == (20, 2)
+    np.testing.assert_array_equal(got["inputs"][0]["data"], x)
+    assert isinstance(got["inputs"][1]["data"], np.ndarray) and got["inputs"][1]["data"].shape == (20,)
+    np.testing.assert_array_equal(got["inputs"][1]["data"], x[:, 0])
+    assert got["data"] == want["data"] and type(got["data"]) is list  # not at the path: kept as orjson's value
+    assert {k: got[k] for k in ("id", "outputs")} == {k: want[k] for k in ("id", "outputs")}
+    without_flat = loads_in_pieces(body, frozenset({V2_DATA}))  # flat lists are left as lists
+    assert isinstance(without_flat["inputs"][0]["data"], np.ndarray)
+    assert without_flat["inputs"][1]["data"] == want["inputs"][1]["data"]
+    same(loads(body, ["inputs"], flat=True), want)  # "inputs" names the list of tensors: no rows there
+
+
+@pytest.mark.parametrize("data", [b"[1, 2], [3, 4], 5, 6, 7, 8, 9, 10, 11, 12",  # rows then numbers
+                                  b"1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, [12, 13]",  # numbers then a row
+                                  b"1, 2, 3, 4, 5, true, 7, 8, 9, 10, 11, 12",  # a boolean
+                                  b"1, 2, 3, 4, 5, null, 7, 8, 9, 10, 11, 12"])
+def test_mixed_or_non_numbers_stay_lists(data: bytes) -> None:
+    body = b'{"inputs": [{"name": "x", "data": [' + data + b']}]}'
+    got = loads_in_pieces(body, frozenset({V2_DATA}), flat=True)
+    assert got == orjson.loads(body) and isinstance(got["inputs"][0]["data"], list)
+
+
+def test_malformed_flat_data_gives_orjsons_error() -> None:
+    for body in (b'{"inputs": [{"data": [1, 2, 3, 4, 5, 6, 7, 8,, 9, 10]}]}',
+                 b'{"inputs": [{"data": [1, 2, 3, 4, 5, 6, 7, 8, 1e400, 10]}]}',
+                 b'{"inputs": [{"data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10,]}]}'):
+        with pytest.raises(orjson.JSONDecodeError) as want:
+            orjson.loads(body)
+        with pytest.raises(orjson.JSONDecodeError) as got:
+            loads(body, [V2_DATA], flat=True)
+        assert (str(got.value), got.value.pos) == (str(want.value), want.value.pos)

@@ -143,7 +143,6 @@ def run(args: argparse.Namespace) -> int:
     from service.http import create_app
     from service.http.connections import (ConnectionLimits, DrainSignal, default_max_connections, protocol_class,
                                    raise_open_file_limit)
-    from service.http.router import OperationFastPath
     from service.http.shedding import LoadShedding
 
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
@@ -155,10 +154,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowserve serve: {e}", file=sys.stderr)
         return 2
     state = app.state.flowserve
-    # uvicorn serves the app behind the operations' fast path (service/http/router.py): the five
-    # operation endpoints skip FastAPI's middleware, routing and dependency solving; the rest is the app's.
-    # In front of both, load shedding (service/http/shedding.py) refuses operations the deadline cannot wait for.
-    served = LoadShedding(OperationFastPath(app), state, settings.shed_wait_fraction)
+    # the app answers the operation POSTs with its operation router (service/http/router.py), ahead of
+    # FastAPI's middleware, routing and dependency solving; the rest is FastAPI's. In front of the app,
+    # load shedding (service/http/shedding.py) refuses operations the deadline cannot wait for.
+    served = LoadShedding(app, state, settings.shed_wait_fraction)
     # uvicorn's httptools protocol with read timeouts, a connection cap and drain (service/http/connections.py);
     # its own limit_concurrency is not used (it refuses established connections too, without Retry-After).
     raise_open_file_limit()  # towards the hard limit, before the default cap is derived from it

@@ -1,12 +1,13 @@
-"""The FastAPI application: :func:`create_app` wires settings, metrics, worker, registry and routes."""
+"""The application: :func:`create_app` wires settings, metrics, worker, registry, the operation router and routes."""
 
 from __future__ import annotations
 
 import importlib.metadata
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI
+from starlette.types import Receive, Scope, Send
 
 from service.serving.metrics import Metrics
 from service.settings import Settings, load_settings
@@ -14,10 +15,11 @@ from service.http import ui
 from service.http import auth, docs, openapi
 from service.http.codecs import binary
 from service.http import problems as errors
+from service.http.router import OperationRouter
 from service.http.routes import admin, health, models, operations, v2
 from service.http.state import ServiceState
 
-__all__ = ["create_app"]
+__all__ = ["FlowserveApp", "create_app"]
 
 
 def _version() -> str:
@@ -51,7 +53,29 @@ OPENAPI_TAGS = [
 ]
 
 
-def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
+class FlowserveApp(FastAPI):
+    """FastAPI with the operation router in front: the operation POSTs are
+    :attr:`operation_router`'s, every other request FastAPI's (:mod:`service.http.router`).
+
+    ``state`` is what the app holds (``app.state.flowserve``); the other arguments are FastAPI's.
+    """
+
+    def __init__(self, state: ServiceState, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state.flowserve = state
+        self.operation_router = OperationRouter(self, keyed=bool(state.settings.api_keys))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.root_path:  # as FastAPI does before it routes
+            scope["root_path"] = self.root_path
+        target = self.operation_router.match(scope)
+        if target is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.operation_router.answer(scope, receive, send, target)
+
+
+def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FlowserveApp:
     """A new app for ``settings`` (from the environment when ``None``), with its own metrics registry.
 
     Nothing runs until the app's lifespan starts (the server does that): then the device worker
@@ -70,9 +94,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
 
     # docs_url / redoc_url None: FastAPI's pages load their scripts from a CDN; docs.install serves them
     # from the package instead
-    app = FastAPI(title="flowserve", version=_version(), description=DESCRIPTION, lifespan=lifespan,
-                  openapi_tags=OPENAPI_TAGS, docs_url=None, redoc_url=None)
-    app.state.flowserve = state
+    app = FlowserveApp(state, title="flowserve", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+                       openapi_tags=OPENAPI_TAGS, docs_url=None, redoc_url=None)
     errors.install(app)
     auth.install(app, settings)
     binary.install()
@@ -82,6 +105,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     # always passes.
     keyed = [Depends(auth.require_api_key)] if settings.api_keys else []
     app.include_router(models.router, dependencies=keyed)
+    # the operations' documentation (their POSTs are the operation router's; see service/http/router.py)
     app.include_router(operations.router, dependencies=keyed)
     app.include_router(admin.router, dependencies=[Depends(auth.require_admin_key)])
     app.include_router(v2.router)

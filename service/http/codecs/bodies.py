@@ -24,14 +24,16 @@ call, so one call over a big body would stop the loop for the whole parse (measu
 however it was run, whereas between pieces the GIL passes to the loop. The rows of ``inputs``,
 ``latents`` and ``context`` then come as float64 arrays where they are plain rows of numbers (as
 a ``.npz`` body's do), and as lists otherwise, so the row checks name what is wrong as before.
-Smaller JSON bodies keep one ``orjson.loads`` on the loop.
+Smaller JSON bodies keep one ``orjson.loads`` on the loop. ``/v2``'s inference bodies go the same
+way: :func:`loads_json` (pieces from :data:`OFF_LOOP_BYTES`) in :func:`off_loop` (a worker thread
+from the same size).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import orjson
@@ -40,7 +42,10 @@ from starlette.requests import ClientDisconnect, Request
 from service.http.codecs import json_pieces
 from service.http.problems import Problem, field_error
 
-__all__ = ["JSON", "ParsedBody", "Parser", "media_type", "parse_body", "query_fields", "read_body", "register_parser"]
+__all__ = ["JSON", "ParsedBody", "Parser", "loads_json", "media_type", "off_loop", "parse_body", "query_fields",
+           "read_body", "register_parser"]
+
+T = TypeVar("T")
 
 JSON = "application/json"
 
@@ -72,7 +77,7 @@ def parse_json(body: bytes, request: Request) -> ParsedBody:
     same value and the same errors, the rows of :data:`ROWS_FIELDS` as arrays where clean).
     """
     try:
-        value = json_pieces.loads(body, ROWS_FIELDS) if len(body) >= OFF_LOOP_BYTES else orjson.loads(body)
+        value = loads_json(body, ROWS_FIELDS)
     except orjson.JSONDecodeError as e:
         raise Problem(400, "malformed-json", f"the body is not valid JSON: {e}",
                       errors=[field_error(("body",), str(e))]) from None
@@ -94,6 +99,22 @@ OFF_LOOP_BYTES = 1 << 20
 #: JSON: parsed in pieces in a worker thread from the same size (below it, one orjson call on the
 #: loop: ~10 ms at most for 1 MiB, and no thread hop for the usual small bodies)
 OFF_LOOP[JSON] = OFF_LOOP_BYTES
+
+
+def loads_json(body: bytes, rows_fields: Iterable[str | json_pieces.Path] = (), flat: bool = False) -> Any:
+    """``orjson.loads(body)``; for bodies of :data:`OFF_LOOP_BYTES` or more, in pieces
+    (:func:`json_pieces.loads`: the same value and the same errors, the big arrays of numbers at
+    ``rows_fields`` as float64 arrays where clean, flat ones too with ``flat``). Call it off the
+    event loop for such bodies (:func:`off_loop`): between pieces the GIL passes to the loop."""
+    return json_pieces.loads(body, rows_fields, flat) if len(body) >= OFF_LOOP_BYTES else orjson.loads(body)
+
+
+async def off_loop(parse: Callable[[bytes], T], body: bytes, threshold: int | None = OFF_LOOP_BYTES) -> T:
+    """``parse(body)`` in a worker thread for a body of ``threshold`` bytes or more (0: always;
+    ``None``: never), else right here on the event loop."""
+    if threshold is not None and len(body) >= threshold:
+        return await asyncio.to_thread(parse, body)  # numpy / zlib / pieces only: no torch threads
+    return parse(body)
 
 
 def register_parser(media: str, parser: Parser, *, off_loop: bool = False, always_off_loop: bool = False) -> None:
@@ -182,10 +203,6 @@ async def parse_body(request: Request, max_bytes: int) -> ParsedBody:
         return ParsedBody(dict(query), media_type=media, lax=True, query_fields=frozenset(query))
     if media == JSON:
         _no_query(request)
-    threshold = OFF_LOOP.get(media)
-    if threshold is not None and len(body) >= threshold:
-        parsed = await asyncio.to_thread(parser, body, request)  # numpy / zlib only: no torch threads
-    else:
-        parsed = parser(body, request)
+    parsed = await off_loop(lambda raw: parser(raw, request), body, OFF_LOOP.get(media))
     parsed.media_type = media
     return parsed

@@ -32,25 +32,41 @@ Since the body is the rest with each placeholder replaced by ``[`` + the pieces 
 ``]``, and each of those parsed alone, the value equals ``orjson.loads(body)`` (kept by the tests
 against orjson itself).
 
-Rows straight to numpy: the top-level fields named in ``rows_fields`` (``inputs``, ``latents``,
-``context``) whose array is a list of equally long lists of JSON numbers come back as a float64
-``(rows, width)`` array, converted piece by piece (:func:`_rows_piece`): Python floats then exist
-for one piece at a time, no list per row is built, and the conversion is not left to the event
-loop. Any other content (records, ``true`` / ``false``, ``null``, strings, ragged rows) keeps the
-lists, so the checks of
-:func:`service.http.codecs.rows.rows_array` name the row and column at fault exactly as they do for
-a small body; for a clean array they give the same answer and the same errors (row count, width)
-as for its lists. The fields of a ``.npz`` body are arrays too, so callers already take both.
+Rows straight to numpy: the big arrays at the places named in ``rows_fields`` (top-level field
+names such as ``inputs``, ``latents``, ``context``, or paths such as ``("inputs", EACH, "data")``,
+where :data:`EACH` stands for every element of a list) that are lists of equally long lists of JSON
+numbers come back as a float64 ``(rows, width)`` array, converted piece by piece
+(:func:`_rows_piece`): Python floats then exist for one piece at a time, no list per row is built,
+and the conversion is not left to the event loop. With ``flat=True`` (``/v2``'s tensor ``data``,
+flat or nested), a flat list of numbers there comes back as a float64 1-D array the same way
+(:func:`_numbers_piece`). The values are those of ``np.asarray(lists, dtype=float64)``. Any other
+content (records, ``true`` / ``false``, ``null``, strings, ragged rows, rows mixed with numbers)
+keeps the lists, so the checks of :func:`service.http.codecs.rows.rows_array` name the row and
+column at fault exactly as they do for a small body; for a clean array they give the same answer
+and the same errors (row count, width) as for its lists. The fields of a ``.npz`` body are arrays too, so callers already take both.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
 import numpy as np
 import orjson
 
-__all__ = ["MAX_DEPTH", "PIECE_BYTES", "loads", "loads_in_pieces"]
+__all__ = ["EACH", "MAX_DEPTH", "PIECE_BYTES", "Path", "loads", "loads_in_pieces"]
+
+
+class _Each:
+    """In a :data:`Path`: every element of a list."""
+
+    def __repr__(self) -> str:
+        return "EACH"
+
+
+#: in a :data:`Path`, matches every index of a list
+EACH = _Each()
+#: a place in a JSON value: object keys (and :data:`EACH` for the elements of a list), from the root
+Path = tuple[Union[str, _Each], ...]
 
 #: about how many bytes one ``orjson.loads`` call parses: ~5-15 ms for numbers (orjson builds
 #: 10-20 MB of floats a second into Python objects), so ``/healthz`` waits at most that long; the
@@ -73,19 +89,27 @@ class _Fallback(Exception):
     """The body is not one the piece parser handles; parse it whole."""
 
 
-def loads(body: bytes, rows_fields: Iterable[str] = ()) -> Any:
+def loads(body: bytes, rows_fields: Iterable[str | Path] = (), flat: bool = False) -> Any:
     """``orjson.loads(body)``, parsed in pieces where the body has big arrays (see the module doc).
 
-    Raises ``orjson.JSONDecodeError`` exactly as ``orjson.loads(body)`` does.
+    ``rows_fields``: top-level field names or :data:`Path` s whose big arrays of numbers come back as
+    float64 arrays (rows; with ``flat``, flat lists of numbers too). Raises
+    ``orjson.JSONDecodeError`` exactly as ``orjson.loads(body)`` does.
     """
     try:
-        return loads_in_pieces(body, frozenset(rows_fields))
+        return loads_in_pieces(body, _paths(rows_fields), flat)
     except _Fallback:
         return orjson.loads(body)
 
 
-def loads_in_pieces(body: bytes, rows_fields: frozenset[str] = frozenset()) -> Any:
+def _paths(fields: Iterable[str | Path]) -> frozenset[Path]:
+    return frozenset((f,) if isinstance(f, str) else tuple(f) for f in fields)
+
+
+def loads_in_pieces(body: bytes, rows_fields: frozenset[str] | frozenset[Path] = frozenset(),
+                    flat: bool = False) -> Any:
     """The piece parser itself; raises :class:`_Fallback` where :func:`loads` parses the body whole."""
+    rows_paths = _paths(rows_fields)
     if body.find(b"\\") >= 0:
         raise _Fallback("backslash")
     data = np.frombuffer(body, dtype=np.uint8)
@@ -110,7 +134,7 @@ def loads_in_pieces(body: bytes, rows_fields: frozenset[str] = frozenset()) -> A
     chosen = _big_arrays(brackets[opens], brackets[closes], kinds[opens] == _OPEN_ARRAY, level[opens])
     if not chosen:
         raise _Fallback("no big array")
-    return _assemble(body, data, chosen, quotes, brackets, depth, rows_fields)
+    return _assemble(body, data, chosen, quotes, brackets, depth, rows_paths, flat)
 
 
 def _scan(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +193,7 @@ def _pieces(data: np.ndarray, start: int, end: int, level: int, quotes: np.ndarr
 
 
 def _assemble(body: bytes, data: np.ndarray, chosen: list[tuple[int, int, int]], quotes: np.ndarray,
-              brackets: np.ndarray, depth: np.ndarray, rows_fields: frozenset[str]) -> Any:
+              brackets: np.ndarray, depth: np.ndarray, rows_paths: frozenset[Path], flat: bool) -> Any:
     parts, at = [], 0
     for i, (start, end, _) in enumerate(chosen):
         parts += [body[at:start], b'"\\u0000%d"' % i]
@@ -182,16 +206,24 @@ def _assemble(body: bytes, data: np.ndarray, chosen: list[tuple[int, int, int]],
     slots = _placeholders(rest, len(chosen))
     root: list[Any] = [rest]
     for i, (start, end, level) in enumerate(chosen):
-        parent, key = slots[i] if slots[i] is not None else (root, 0)
-        as_rows = parent is rest and isinstance(rest, dict) and key in rows_fields
+        parent, key, path = slots[i] if slots[i] is not None else (root, 0, ())
+        as_numbers = any(_matches(path, pattern) for pattern in rows_paths)
         ranges = _pieces(data, start, end, level, quotes, brackets, depth)
-        parent[key] = _parse_array(body, ranges, as_rows)
+        parent[key] = _parse_array(body, ranges, as_numbers, flat)
     return root[0]
 
 
-def _placeholders(rest: Any, count: int) -> list[tuple[Any, Any] | None]:
-    """Where each placeholder sits: ``(container, key)``, or None for the whole body; each once, never a key."""
-    slots: list[tuple[Any, Any] | None] = [None] * count
+def _matches(path: tuple[Any, ...], pattern: Path) -> bool:
+    """Whether ``path`` (keys and list indices) is the place ``pattern`` names."""
+    return len(path) == len(pattern) and all(
+        isinstance(key, int) if want is EACH else (isinstance(key, str) and key == want)
+        for key, want in zip(path, pattern))
+
+
+def _placeholders(rest: Any, count: int) -> list[tuple[Any, Any, tuple[Any, ...]] | None]:
+    """Where each placeholder sits: ``(container, key, path from the root)``, or None for the whole body;
+    each once, never a key."""
+    slots: list[tuple[Any, Any, tuple[Any, ...]] | None] = [None] * count
     found = [False] * count
 
     def index(value: Any) -> int | None:
@@ -207,9 +239,9 @@ def _placeholders(rest: Any, count: int) -> list[tuple[Any, Any] | None]:
         if count != 1:
             raise _Fallback("placeholders beside the whole body")
         return slots
-    stack = [rest]
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(rest, ())]
     while stack:
-        value = stack.pop()
+        value, path = stack.pop()
         items: Iterable[tuple[Any, Any]]
         if isinstance(value, dict):
             if any(k.startswith(_PLACEHOLDER_MARK) for k in value):
@@ -222,21 +254,25 @@ def _placeholders(rest: Any, count: int) -> list[tuple[Any, Any] | None]:
         for key, item in items:
             i = index(item)
             if i is not None:
-                slots[i] = (value, key)
+                slots[i] = (value, key, (*path, key))
             elif isinstance(item, (dict, list)):
-                stack.append(item)
+                stack.append((item, (*path, key)))
     if not all(found):
         raise _Fallback("a placeholder lost")
     return slots
 
 
-def _parse_array(body: bytes, ranges: list[tuple[int, int]], as_rows: bool) -> Any:
-    """The array made of the pieces in ``ranges``: a list, or (``as_rows``, where clean) a float64 array."""
-    if as_rows:
+def _parse_array(body: bytes, ranges: list[tuple[int, int]], as_numbers: bool, flat: bool) -> Any:
+    """The array made of the pieces in ``ranges``: a list, or (``as_numbers``, where clean) a float64
+    array: rows ``(rows, width)``, or with ``flat`` also a flat list of numbers ``(n,)``."""
+    if as_numbers:
         arrays: list[np.ndarray] = []
         for begin, end in ranges:
-            arr = _rows_piece(body[begin:end])
-            if arr is None or (arrays and arr.shape[1] != arrays[0].shape[1]):
+            piece = body[begin:end]
+            arr = _rows_piece(piece)
+            if arr is None and flat:
+                arr = _numbers_piece(piece)
+            if arr is None or (arrays and arr.shape[1:] != arrays[0].shape[1:]):
                 break
             arrays.append(arr)
         else:
@@ -258,7 +294,8 @@ def _piece(body: bytes, begin: int, end: int, count: int) -> list[Any]:
     return values
 
 
-_ROW_BYTES = b"0123456789+-.eE,[] \t\n\r"
+_NUMBER_BYTES = b"0123456789+-.eE, \t\n\r"
+_ROW_BYTES = _NUMBER_BYTES + b"[]"
 _BRACKETS_TO_SPACES = bytes.maketrans(b"[]", b"  ")
 
 
@@ -300,3 +337,18 @@ def _rows_piece(piece: bytes) -> np.ndarray | None:
     if len(flat) != rows * width:
         return None
     return np.array(flat, dtype=np.float64).reshape(rows, width)
+
+
+def _numbers_piece(piece: bytes) -> np.ndarray | None:
+    """A piece of a flat list of numbers (``1, 2.5, -3e-3``) as a float64 ``(n,)`` array, else None.
+
+    Only number, comma and whitespace bytes, and valid JSON as a list (numbers and commas alternate,
+    so no empty element); anything else answers None and the caller keeps the lists.
+    """
+    if not piece or piece.translate(None, _NUMBER_BYTES):
+        return None
+    try:
+        flat = orjson.loads(b"[" + piece + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return np.array(flat, dtype=np.float64) if flat else None

@@ -15,6 +15,12 @@ Requests (KServe v2 REST, with Triton's *binary tensor data* extension, as ``tri
   protocol allows. Shared memory and classification are not supported (400).
 - A compressed body (``Content-Encoding: gzip`` or ``deflate``, as tritonclient's
   ``request_compression_algorithm`` sends) is inflated within the body size limit.
+- A JSON part of :data:`service.http.codecs.bodies.OFF_LOOP_BYTES` or more is parsed as ``/v1``'s
+  big bodies are, in pieces (:func:`service.http.codecs.bodies.loads_json`): each input's ``data``
+  (:data:`DATA`), flat or rows, then comes as a float64 array, converted piece by piece, with the
+  values of the lists it stands for. (Integers beyond 2**53 sent to an FP32 input are thus rounded
+  to float64 before float32, where a small body rounds them once.) The route runs the parse in a
+  worker thread for such bodies, so the event loop keeps answering meanwhile.
 
 Answers are ``{"id"?, "model_name", "model_version", "outputs": [{"name", "datatype", "shape",
 "data"}]}``, ``data`` flat and row-major, non-finite values written as ``null`` (strict JSON). An
@@ -34,10 +40,13 @@ import numpy as np
 import orjson
 from starlette.responses import Response
 
+from service.http.codecs.bodies import loads_json
+from service.http.codecs.json_pieces import EACH
 from service.http.responses import dumps
 
 __all__ = [
     "BINARY_EXTENSION",
+    "DATA",
     "DATATYPES",
     "HEADER_LENGTH",
     "InferRequest",
@@ -55,6 +64,8 @@ __all__ = [
 
 #: the HTTP header that gives the length of the JSON part of a body with binary tensors
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: where an input tensor's JSON elements are in a request: each input's ``data``
+DATA = ("inputs", EACH, "data")
 #: the name of Triton's extension, listed in the server metadata
 BINARY_EXTENSION = "binary_tensor_data"
 #: the datatypes flowserve models take and give, and their little-endian numpy dtypes
@@ -200,7 +211,7 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
     """Parse an inference request body (see the module docstring); :class:`V2Error` 400 on any fault."""
     head, binary = split_body(body, header_length)
     try:
-        value = orjson.loads(head)
+        value = loads_json(head, [DATA], flat=True)
     except orjson.JSONDecodeError as e:
         binary_inputs = header_length is None and b'"binary_data_size"' in head
         hint = f" (a body with binary tensors after the JSON needs {HEADER_LENGTH})" if binary_inputs else ""
@@ -290,9 +301,9 @@ def _json_data(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], co
     """``data`` (numbers, flat or nested, row-major) as an array of ``shape`` and ``dtype``.
 
     JSON ``true`` / ``false`` count as 1 / 0 (the protocol lets a server coerce elements); strings
-    and ``null`` are refused.
+    and ``null`` are refused. A big body's clean ``data`` comes already as a float64 array.
     """
-    if not isinstance(data, list):
+    if not isinstance(data, (list, np.ndarray)):
         data = [data]
     try:
         values = np.asarray(data)

@@ -2,10 +2,9 @@
 
 - :mod:`~service.http.routes.health`: ``/healthz``, ``/readyz`` and ``/metrics``.
 - :mod:`~service.http.routes.models`: the catalogue, ``/v1/models`` and a model's card and versions.
-- :mod:`~service.http.routes.operations`: the five operations under ``/v1/models/{name}``; their
-  ``POST`` requests are answered by :mod:`service.http.router` (the fast router that ``flowserve
-  serve`` puts in front of the app; it calls the same handler) before FastAPI sees them. The
-  routes stay registered for ``/docs``, ``/openapi.json`` and apps served without the fast router.
+- :mod:`~service.http.routes.operations`: the operations under ``/v1/models/{name}``: their handler,
+  and their routes as documentation only (``/docs``, ``/openapi.json``); every operation ``POST`` is
+  answered by the operation router (:mod:`service.http.router`) in front of FastAPI.
 - :mod:`~service.http.routes.admin`: ``/v1/admin/models/{name}/load``, ``/reload``, ``/unload``.
 - :mod:`~service.http.routes.v2`: the Open Inference Protocol (KServe v2) under ``/v2``.
 """

@@ -1,24 +1,30 @@
-"""The five operations, under ``/v1/models/{name}`` and ``/v1/models/{name}/versions/{version}``.
+"""The operations, under ``/v1/models/{name}`` and ``/v1/models/{name}/versions/{version}``.
 
-Each handler does the same few steps: look the model up (404 / 503), read and parse the body
-within the limits (415 / 413 / 400), validate the scalar fields with the operation's ``*Params``
-model (422) and the arrays with numpy (:mod:`service.http.codecs.rows`: 400 / 413 / 422), call the
-operation in :mod:`service.serving.operations` with a deadline of ``request_timeout_s`` from the start of
-the request, and encode the numpy answer as the client's ``Accept`` asks (406 when it accepts
-nothing we write, checked before any work): JSON with orjson, or ``.npy`` / ``.npz``
-(:mod:`service.http.codecs.binary`). Bodies may be JSON, ``.npy`` or ``.npz`` (scalar fields then come as
-query parameters). Every failure is a problem+json answer.
+:func:`handle` answers one: it looks the model up (404 / 503), reads and parses the body within
+the limits (415 / 413 / 400), validates the scalar fields with the operation's ``*Params`` model
+(422) and the arrays with numpy (:mod:`service.http.codecs.rows`: 400 / 413 / 422), calls the
+operation in :mod:`service.serving.operations` with a deadline of ``request_timeout_s`` from the
+start of the request, and encodes the numpy answer as the client's ``Accept`` asks (406 when it
+accepts nothing we write, checked before any work): JSON with orjson, or ``.npy`` / ``.npz``
+(:mod:`service.http.codecs.binary`). Bodies may be JSON, ``.npy`` or ``.npz`` (scalar fields then
+come as query parameters). Every failure is a problem+json answer.
+
+The operation router (:mod:`service.http.router`) calls :func:`handle` for every operation
+``POST``. :data:`router` holds the operations' FastAPI routes as their documentation only: they
+make the OpenAPI document and ``/docs`` (and Starlette's 405 / 307 around them), and their
+endpoints answer no operation (see :func:`_documentation_only`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.serving.registry import ServedModel
@@ -193,8 +199,8 @@ async def handle(request: Request, name: str, version: str | None, endpoint: End
     """Answer ``endpoint`` on model ``name`` (its ``version``, or the latest when ``None``).
 
     Raises :class:`Problem` for every failure the client should hear of; anything else is a bug
-    (the app's handlers turn it into a 500). Called by the routes below and, without FastAPI's
-    routing, by :class:`service.http.router.OperationFastPath`.
+    (the app's handlers turn it into a 500). Called by :class:`service.http.router.OperationRouter`,
+    which answers every operation ``POST`` (FastAPI's routes below only document them).
     """
     state = get_state(request)
     deadline = time.monotonic() + state.settings.request_timeout_s
@@ -263,6 +269,17 @@ def _binary_bodies(endpoint: Endpoint) -> dict[str, Any]:
             binary.NPZ: {**_BINARY_SCHEMA, "description": f"an .npz with the arrays {main!r} and 'context'"}}
 
 
+def _documentation_only() -> NoReturn:
+    """What the operations' FastAPI routes answer: 404, as no route.
+
+    Every ``POST`` Starlette would route to them is the operation router's, whose path match is
+    stricter: the one kind that reaches them is a path the router does not take but Starlette's
+    pattern does (a decoded trailing newline, which its ``$`` lets through), and no such path
+    names an operation.
+    """
+    raise StarletteHTTPException(404)
+
+
 def _register(endpoint: Endpoint) -> None:
     extra = {"requestBody": {"required": endpoint.op.main_input is not None, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{REQUEST_MODELS[endpoint.name].__name__}"},
@@ -284,11 +301,12 @@ def _register(endpoint: Endpoint) -> None:
         "answer as `.npz`."
     )
 
+    # the signatures document the path parameters; the bodies answer no operation
     async def latest(request: Request, name: str = NAME) -> Response:
-        return await handle(request, name, None, endpoint)
+        _documentation_only()
 
     async def versioned(request: Request, name: str = NAME, version: str = VERSION) -> Response:
-        return await handle(request, name, version, endpoint)
+        _documentation_only()
 
     router.add_api_route(f"/{{name}}/{endpoint.name}", latest, methods=["POST"], summary=endpoint.summary,
                          description=description + "\n\nAnswered by the model's latest version.",
