@@ -92,11 +92,16 @@ _DTYPES = {"float32": "FP32", "float64": "FP64"}
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-def error_from(exc: Exception) -> V2Error:
-    """The protocol's error for any exception a handler raised."""
+def error_from(exc: Exception, settings: Any, timeout_s: float | None) -> V2Error:
+    """The protocol's error for any exception a handler raised: a domain error's status, detail and
+    headers come from the status table (:data:`service.http.problems.DOMAIN_ANSWERS`; ``timeout_s``
+    is the request's deadline for its text, ``None`` where the request set its own)."""
     if isinstance(exc, V2Error):
         return exc
-    if isinstance(exc, Problem):  # from the shared parts: lookups, body limits, API keys
+    problem = domain_problem(exc, settings, timeout_s)
+    if problem is not None:  # lookups, readiness, API keys, the worker's refusals, no calibration
+        return V2Error(problem.status, problem.detail, problem.headers)
+    if isinstance(exc, Problem):  # from the shared parts: body limits
         return V2Error(exc.status, exc.detail, exc.headers)
     if isinstance(exc, RequestValidationError):
         where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:3])
@@ -117,7 +122,8 @@ class V2Route(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:  # noqa: BLE001 - every error of the protocol has one shape
-                return error_from(exc).response()
+                settings = get_state(request).settings
+                return error_from(exc, settings, settings.request_timeout_s).response()
 
         return route
 
@@ -307,12 +313,6 @@ async def compute_outputs(state: ServiceState, served: ServedModel, x: np.ndarra
     return arrays
 
 
-def _domain_error(exc: Exception, state: ServiceState, timeout_s: float | None) -> V2Error | None:
-    """The status table's answer (:data:`service.http.problems.DOMAIN_ANSWERS`) in the protocol's shape."""
-    problem = domain_problem(exc, state.settings, timeout_s)
-    return None if problem is None else V2Error(problem.status, problem.detail, problem.headers)
-
-
 async def _read_request(request: Request, max_bytes: int) -> InferRequest:
     """Read, inflate and parse the body: in a worker thread from ``OFF_LOOP_BYTES`` (or, compressed,
     always: a small body may inflate to the whole limit), as ``/v1``'s bodies, so the loop answers meanwhile."""
@@ -339,7 +339,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                 deadline = min(deadline, start + parsed.timeout_us / 1e6)
             arrays = await compute_outputs(state, served, x, context, outputs, alpha, deadline)
         except Exception as exc:
-            error = _domain_error(exc, state, None) or error_from(exc)
+            error = error_from(exc, state.settings, None)
             record.status = error.status
             raise error from exc
         body, headers = encode_infer_response(served.name, served.version, parsed.id,
