@@ -21,8 +21,8 @@ without a ``root_path`` and with ``debug``. For those requests it does what a ro
 
 1. ``scope["app"] = app`` (what ``Starlette.__call__`` does; ``get_state`` reads ``request.app``);
 2. where the server has API keys, :func:`~service.http.auth.check_api_key`, whose
-   :class:`~service.http.auth.AuthError` becomes the 401 / 403 problem (``WWW-Authenticate``
-   included) that the other model routes' key dependency gives;
+   :class:`~service.http.auth.AuthError` (a domain error) is answered as in step 4: the 401 / 403
+   problem (``WWW-Authenticate`` included) that the other model routes' key dependency gives;
 3. :func:`service.http.routes.operations.handle`, the operations' handler;
 4. an exception is answered by the handler the app installed for its class (looked up along its
    MRO as Starlette does): a ``Problem`` as ``problem.response(request.url.path)``, anything else
@@ -59,7 +59,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service.http.auth import AuthError, check_api_key
+from service.http.auth import check_api_key
 from service.http.routes import operations
 from service.http.routes.operations import ENDPOINTS, Endpoint
 
@@ -135,10 +135,7 @@ class OperationRouter:
         request = Request(scope, receive, send)
         try:
             if self.keyed:
-                try:
-                    check_api_key(request)
-                except AuthError as e:
-                    raise e.problem() from None
+                check_api_key(request)  # its errors are answered by their handlers, as the key dependency's
             response = await operations.handle(request, *target)
         except Exception as exc:
             handled_as = next((cls for cls in type(exc).__mro__ if cls in self.app.exception_handlers), None)
