@@ -40,6 +40,7 @@ __all__ = [
     "parse_context",
     "progress",
     "read_inputs",
+    "rows_in_chunks",
     "read_rows",
     "write_columns",
 ]
@@ -228,6 +229,18 @@ def chunks(total: int, size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``size`` rows covering ``range(total)``."""
     for start in range(0, total, size):
         yield slice(start, min(total, start + size))
+
+
+def rows_in_chunks(args: argparse.Namespace, x: np.ndarray, context: np.ndarray | None,
+                   compute: Callable[[np.ndarray, np.ndarray | None], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``compute(rows, context rows)`` over consecutive chunks of ``args.batch_size`` rows, in order,
+    with a progress bar unless ``args.quiet``."""
+    parts: list[dict[str, Any]] = []
+    with progress(x.shape[0], args.quiet) as bar:
+        for rows in chunks(x.shape[0], args.batch_size):
+            parts.append(compute(x[rows], None if context is None else context[rows]))
+            bar.update(rows.stop - rows.start)
+    return parts
 
 
 def progress(total: int, quiet: bool, unit: str = "rows") -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 import numpy as np
 
@@ -29,11 +28,10 @@ from service.commands.common import (
     add_rows_arguments,
     add_source_arguments,
     check_rows_arguments,
-    chunks,
     guarded,
     open_source,
-    progress,
     read_inputs,
+    rows_in_chunks,
     write_columns,
 )
 
@@ -87,11 +85,7 @@ def _explain(args: argparse.Namespace, source: Source) -> int:
         raise CommandError(f"model {source.name!r} has a feature named {LOG_PROB!r}, which would clash with the "
                            "log_prob column; write an .npz output instead")
 
-    parts: list[dict[str, Any]] = []
-    with progress(x.shape[0], args.quiet) as bar:
-        for rows in chunks(x.shape[0], args.batch_size):
-            parts.append(source.explain(x[rows], None if context is None else context[rows]))
-            bar.update(rows.stop - rows.start)
+    parts = rows_in_chunks(args, x, context, source.explain)
     width = len(source.feature_names)
     contributions = np.concatenate([np.asarray(p["contributions"], dtype=np.float64).reshape(-1, width)
                                     for p in parts]) if parts else np.zeros((0, width))

@@ -20,11 +20,10 @@ from service.commands.common import (
     add_rows_arguments,
     add_source_arguments,
     check_rows_arguments,
-    chunks,
     guarded,
     open_source,
-    progress,
     read_inputs,
+    rows_in_chunks,
     write_columns,
 )
 
@@ -71,11 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace, source: Source) -> int:
     x, context = read_inputs(args, source)
 
-    parts: list[dict] = []
-    with progress(x.shape[0], args.quiet) as bar:
-        for rows in chunks(x.shape[0], args.batch_size):
-            parts.append(source.score(x[rows], None if context is None else context[rows], args.alpha))
-            bar.update(rows.stop - rows.start)
+    parts = rows_in_chunks(args, x, context, lambda rows, ctx: source.score(rows, ctx, args.alpha))
     columns = {key: _concat([p[key] for p in parts], bool if key == "is_anomaly" else np.float64)
                for key in ("log_prob", "score", "p_value", "is_anomaly")}
     write_columns(columns, args.output)
