@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.model.contract import ContractError
 from service.serving.batching import (
     BatchingConfig,
     BatchingError,
@@ -483,13 +484,13 @@ def test_bad_shapes_zero_rows_and_not_started() -> None:
         with pytest.raises(WorkerStopped):
             await worker.submit("m", plain, Pass.ENCODE, np.zeros((1, FEATURES)))
         with running(worker):
-            with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+            with pytest.raises(ContractError, match=r"shape \(n, 3\)"):
                 await worker.submit("m", plain, Pass.ENCODE, np.zeros((2, FEATURES + 1)))
-            with pytest.raises(ValueError, match="takes no context"):
+            with pytest.raises(ContractError, match="takes no context"):
                 await worker.submit("m", plain, Pass.ENCODE, np.zeros((2, FEATURES)), np.zeros((2, CONTEXT)))
-            with pytest.raises(ValueError, match="context must have shape"):
+            with pytest.raises(ContractError, match="context must have shape"):
                 await worker.submit("c", conditional, Pass.ENCODE, np.zeros((2, FEATURES)), np.zeros((2, CONTEXT + 1)))
-            with pytest.raises(ValueError, match="needs 2 context"):
+            with pytest.raises(ContractError, match="needs 2 context"):
                 await worker.submit("c", conditional, Pass.DECODE, np.zeros((2, FEATURES)))
             assert worker.queued_rows() == 0
             empty = await worker.submit("m", plain, Pass.ENCODE, np.zeros((0, FEATURES)))

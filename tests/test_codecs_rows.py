@@ -1,8 +1,10 @@
 """Rows of numbers from parsed bodies (service.http.codecs.rows), in process: values, statuses, messages.
 
 Every check calls :func:`rows_array` / :func:`describe_names` directly on the values a JSON or
-binary body parses to, and asserts the array it returns or the :class:`Problem` it raises (status,
-``type`` slug, detail and the ``errors`` locations) - the same answers the API gives over HTTP.
+binary body parses to, and asserts the array it returns or the answer of the domain error it
+raises (:class:`~service.serving.errors.InvalidInput` and its subclasses), as the status table
+:data:`~service.http.problems.DOMAIN_ANSWERS` makes it: status, ``type`` slug, detail and the
+``errors`` locations - the same answers the API gives over HTTP.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import numpy as np
 import pytest
 
 from service.http.codecs.rows import describe_names, rows_array
-from service.http.problems import MAX_ERRORS, Problem
+from service.http.problems import MAX_ERRORS, Problem, domain_problem
+from service.serving.errors import InvalidInput
 
 NAMES = ["x0", "x1"]
 
 
 def problem(call: Callable[[], Any]) -> Problem:
-    with pytest.raises(Problem) as raised:
+    with pytest.raises(InvalidInput) as raised:
         call()
-    return raised.value
+    answer = domain_problem(raised.value, None)
+    assert answer is not None
+    return answer
 
 
 def locs(p: Problem) -> list[list[Any]]:

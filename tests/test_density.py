@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
+from service.model.contract import ContractError
 from service.model.artifact import load_artifact
 from service.model.density import DensityModel
 from service.training.exactness import integral, log_det_errors, round_trip_x, round_trip_z
@@ -182,9 +183,9 @@ def test_temperature_scales_the_latents(trained_moons: Path) -> None:
 def test_context_is_required_and_refused_where_it_should_be() -> None:
     conditional, plain = _model("maf", context=2), _model("maf")
     x = _rows(4)
-    with pytest.raises(ValueError, match="needs 2 context features"):
+    with pytest.raises(ContractError, match="needs 2 context features"):
         conditional.log_prob(x)
-    with pytest.raises(ValueError, match=r"context must have shape \(4, 2\)"):
+    with pytest.raises(ContractError, match=r"context must have shape \(4, 2\)"):
         conditional.log_prob(x, torch.zeros(4, 3))
-    with pytest.raises(ValueError, match="takes no context"):
+    with pytest.raises(ContractError, match="takes no context"):
         plain.log_prob(x, torch.zeros(4, 2))

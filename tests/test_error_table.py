@@ -24,6 +24,7 @@ from service.http.problems import DOMAIN_ANSWERS, domain_problem
 from service.serving import operations
 from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
 from service.serving.errors import FlowserveError, NoCalibration
+from service.model.contract import ContractError
 from service.settings import load_settings
 
 X = [[0.1, 0.2], [1.0, -0.5]]
@@ -100,5 +101,5 @@ def test_the_status_table(exc: Exception, status: int, slug: str) -> None:
 def test_the_table_maps_no_generic_error() -> None:
     assert ValueError not in DOMAIN_ANSWERS and Exception not in DOMAIN_ANSWERS
     assert domain_problem(ValueError("x"), _Settings()) is None
-    assert domain_problem(operations.OperationError("x"), _Settings()) is None  # a violated precondition: a bug
+    assert domain_problem(ContractError("x"), _Settings()) is None  # a violated precondition: a bug
     assert issubclass(NoCalibration, FlowserveError)

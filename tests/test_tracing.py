@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.model.contract import ContractError
 from service.model.density import DensityModel
 from service.model.flows import ARCHITECTURES, flow_spec
 from service.accel.torchscript import TraceMismatch, trace_passes, try_trace
@@ -68,13 +69,13 @@ def test_packed_passes_check_context_like_eager() -> None:
     try_trace(model)
     x, c = _inputs(model, 4, seed=1)
     with torch.inference_mode():
-        with pytest.raises(ValueError, match="needs 2 context features"):
+        with pytest.raises(ContractError, match="needs 2 context features"):
             model.encode_packed(x)
-        with pytest.raises(ValueError, match=r"context must have shape \(4, 2\)"):
+        with pytest.raises(ContractError, match=r"context must have shape \(4, 2\)"):
             model.decode_packed(x, c[:3])
     plain = _model("maf")
     try_trace(plain)
-    with torch.inference_mode(), pytest.raises(ValueError, match="takes no context"):
+    with torch.inference_mode(), pytest.raises(ContractError, match="takes no context"):
         plain.encode_packed(x, c)
 
 

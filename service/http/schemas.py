@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.serving.operations import MAX_SEED
+from service.serving.validation import MAX_SEED
 
 __all__ = [
     "EncodeParams",

@@ -53,6 +53,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from service.model.contract import check_rows
 from service.model.flows import build_flow
 from service.model.inversion import inverse_and_ladj
 
@@ -184,15 +185,9 @@ class DensityModel(nn.Module):
         return self.shift.device
 
     def _check_context(self, context: Tensor | None, rows: int) -> None:
-        if self.context_features:
-            if context is None:
-                raise ValueError(f"this model needs {self.context_features} context features per row")
-            if context.shape != (rows, self.context_features):
-                raise ValueError(
-                    f"context must have shape ({rows}, {self.context_features}), got {tuple(context.shape)}"
-                )
-        elif context is not None:
-            raise ValueError("this model takes no context")
+        """The context part of the model's contract (:func:`service.model.contract.check_rows`)."""
+        check_rows(self.features, self.context_features, (rows, self.features),
+                   None if context is None else context.shape)
 
     def _dist(self, context: Tensor | None, rows: int) -> Any:
         self._check_context(context, rows)

@@ -6,6 +6,11 @@ without its event loop or worker thread: one :func:`service.serving.batching.com
 :meth:`DensityModel.draw_latents` for ``sample``, and :func:`service.serving.operations.anomaly_scores`
 for ``score``. So it gives the server's numbers; the caller chooses the chunks of rows (and shows
 progress over them). Results are float64 arrays, as the client returns them.
+
+Its public methods are an edge, like the HTTP API's: they check their arguments with the API's
+own rules (:mod:`service.serving.validation`; a refusal is an
+:class:`~service.serving.errors.InvalidInput`, a ``ValueError`` naming the field, row and column),
+then compute on the checked arrays without checking again.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from service.model.artifact import LoadedArtifact
 from service.serving.batching import Pass
 from service.serving.batching.compute import run_pass
 from service.serving.batching.jobs import unpack
+from service.serving import validation
 from service.serving.operations import anomaly_scores
 from service.serving.registry import ModelKey, ServedModel
 from service.serving.table import FORWARD, INVERSE, LOG_PROB, SAMPLE
@@ -57,55 +63,50 @@ class LocalModel:
     def context_names(self) -> list[str]:
         return list(self.served.context_names)
 
-    # -- checks -----------------------------------------------------------------------------------
-    def _rows(self, rows: np.ndarray, width: int, what: str) -> np.ndarray:
-        arr = np.asarray(rows, dtype=np.float64)
-        if arr.ndim != 2 or arr.shape[1] != width:
-            raise ValueError(f"{what} must have {width} columns per row, got shape {arr.shape}")
-        bad = ~np.isfinite(arr).all(axis=1)
-        if bad.any():
-            raise ValueError(f"{what} row {int(np.argmax(bad))} holds NaN or infinity")
-        return arr
+    # -- the edge: checks (service.serving.validation), then the pass on checked arrays ----------
+    def _rows(self, rows: np.ndarray, field: str) -> np.ndarray:
+        return validation.array_rows(np.asarray(rows), self.served.feature_names, field)
 
-    def _context(self, context: np.ndarray | None, rows: int) -> list[np.ndarray] | None:
-        """``context`` as the one block ``run_pass`` takes: ``rows`` rows (one row is repeated)."""
-        width = self.served.context_features
-        if not width:
-            if context is not None:
-                raise ValueError(f"model {self.name!r} takes no context")
+    def _context(self, context: np.ndarray | None, rows: int) -> np.ndarray | None:
+        """``context`` as ``rows`` checked rows (one row stands for all and is repeated), or ``None``."""
+        served = self.served
+        if not validation.takes_context(served.name, served.context_names, context is not None, broadcast=True):
             return None
-        if context is None:
-            raise ValueError(f"model {self.name!r} needs context {self.context_names} for every row")
-        ctx = self._rows(np.atleast_2d(context), width, "context")
-        if ctx.shape[0] == 1 and rows != 1:
-            ctx = np.repeat(ctx, rows, axis=0)
-        if ctx.shape[0] != rows:
-            raise ValueError(f"context has {ctx.shape[0]} rows for {rows} rows of data")
-        return [ctx]
+        ctx = validation.array_rows(np.atleast_2d(np.asarray(context)), served.context_names, "context")
+        ctx = validation.context_rows(ctx, rows, broadcast=True)
+        return np.repeat(ctx, rows, axis=0) if ctx.shape[0] != rows else ctx
 
-    def _pass(self, pass_: Pass, rows: np.ndarray, context: np.ndarray | None) -> dict[str, np.ndarray]:
-        block = self._rows(rows, self.served.features, "inputs" if pass_ is Pass.ENCODE else "latents")
-        packed = run_pass(self.served.model, pass_, [block], self._context(context, block.shape[0]))
+    def _checked(self, rows: np.ndarray, context: np.ndarray | None, field: str) -> tuple[np.ndarray, np.ndarray | None]:
+        block = self._rows(rows, field)
+        return block, self._context(context, block.shape[0])
+
+    def _pass(self, pass_: Pass, block: np.ndarray, ctx: np.ndarray | None) -> dict[str, np.ndarray]:
+        """One pass on checked rows and context."""
+        packed = run_pass(self.served.model, pass_, [block], None if ctx is None else [ctx])
         return {k: v.astype(np.float64) for k, v in unpack(packed, pass_, self.served.features).items()}
+
+    def _encode(self, inputs: np.ndarray, context: np.ndarray | None) -> dict[str, np.ndarray]:
+        return self._pass(Pass.ENCODE, *self._checked(inputs, context, "inputs"))
 
     # -- operations -------------------------------------------------------------------------------
     def log_prob(self, inputs: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         """``log p(x)`` of each row."""
-        return LOG_PROB.select(self._pass(LOG_PROB.pass_, inputs, context))["log_prob"]
+        return LOG_PROB.select(self._encode(inputs, context))["log_prob"]
 
     def inverse(self, inputs: np.ndarray, context: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``x → z``: ``latents``, ``log_det``, ``base_log_prob`` and ``log_prob = base_log_prob + log_det``."""
-        return INVERSE.select(self._pass(INVERSE.pass_, inputs, context))
+        return INVERSE.select(self._encode(inputs, context))
 
     def forward(self, latents: np.ndarray, context: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``z → x``: ``outputs`` and the log-density of each output."""
-        return FORWARD.select(self._pass(FORWARD.pass_, latents, context))
+        return FORWARD.select(self._pass(FORWARD.pass_, *self._checked(latents, context, "latents")))
 
     def score(self, inputs: np.ndarray, context: np.ndarray | None = None,
               alpha: float | None = None) -> dict[str, Any]:
         """``log_prob``, ``score``, conformal ``p_value``, ``is_anomaly`` and ``threshold``, as ``/score``."""
         if self.served.calibration is None:
             anomaly_scores(np.empty(0), self.served, alpha)  # raises NoCalibration, naming the model
+        validation.check_alpha(alpha)
         return anomaly_scores(self.log_prob(inputs, context), self.served, alpha)
 
     def explain(self, inputs: np.ndarray, context: np.ndarray | None = None) -> dict[str, Any]:
@@ -114,10 +115,9 @@ class LocalModel:
 
         from service.serving.operations import explain
 
-        block = self._rows(inputs, self.served.features, "inputs")
-        ctx = self._context(context, block.shape[0])
+        block, ctx = self._checked(inputs, context, "inputs")
         return asyncio.run(explain(_Direct(self), self.served, block.astype(np.float32),
-                                   None if ctx is None else ctx[0].astype(np.float32)))
+                                   None if ctx is None else ctx.astype(np.float32)))
 
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0,
                context: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -126,15 +126,16 @@ class LocalModel:
         ``context`` is one row (used for every sample) or ``n`` rows; the same ``seed`` gives the
         same rows as the server.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        validation.check_sample(n, temperature, seed)
+        ctx = self._context(context, n)
         z = self.served.model.draw_latents(n, seed, temperature).numpy()
-        out = self._pass(SAMPLE.pass_, z, context)
+        out = self._pass(SAMPLE.pass_, z.astype(np.float64), ctx)
         return SAMPLE.select({**out, "z": z.astype(np.float64)})
 
 
 class _Direct:
-    """The worker's ``submit`` for :meth:`LocalModel.explain`: the encode pass run at once, in this thread."""
+    """The worker's ``submit`` for :meth:`LocalModel.explain`: the pass run at once, in this thread, on
+    the rows :func:`~service.serving.operations.explain` made from checked ones (not checked again)."""
 
     def __init__(self, local: LocalModel) -> None:
         self.local = local

@@ -4,8 +4,12 @@ Every operation is one of the flow's two passes (see :mod:`service.serving.batch
 ``inverse`` and ``score`` are the *encode* pass :math:`x \mapsto z = f^{-1}(x)`; ``forward`` and
 ``sample`` the *decode* pass :math:`z \mapsto x = f(z)`. This module knows nothing of HTTP: the
 JSON API, a binary body parser and the Open Inference Protocol all call these functions with arrays
-they have already checked (rows ``(B, D)``, context ``(B, C)`` or ``None``, all finite), and encode
-the numpy results their own way.
+they have already checked (rows ``(B, D)``, context ``(B, C)`` or ``None``, all finite; ``n >= 1``,
+``temperature > 0``, a seed in ``[0, 2**64 - 1]``, ``alpha`` in (0, 1)), and encode the numpy
+results their own way. Nothing here checks input again: the edge is the one place that does
+(:mod:`service.serving.validation`, the HTTP codecs and parameter models); the device worker keeps
+the model's shape contract (:mod:`service.model.contract`) only as an invariant, whose violation is
+a bug (500, logged).
 
 - ``inverse``: ``latents`` :math:`z`, ``log_det`` :math:`\log|\det \partial z/\partial x|`,
   ``base_log_prob`` :math:`\log p_Z(z)` and ``log_prob`` :math:`= \log p_Z(z) + \log|\det|`.
@@ -39,37 +43,12 @@ from service.serving.table import EXPLAIN, FORWARD, INVERSE, LOG_PROB, SAMPLE
 if TYPE_CHECKING:
     from service.serving.batching import DeviceWorker
 
-__all__ = ["NoCalibration", "OperationError", "explain", "forward", "inverse", "log_prob", "sample", "score"]
+__all__ = ["NoCalibration", "explain", "forward", "inverse", "log_prob", "sample", "score"]
 
-#: Largest seed a request may give (torch generators take 64-bit seeds).
-MAX_SEED = (1 << 64) - 1
-
-
-class OperationError(ValueError):
-    """Arrays or parameters that do not fit the model: a bug of the caller, never the client's fault.
-
-    The API layer validates every input before calling (:mod:`service.serving.errors`), so the
-    HTTP answer of this error is a logged 500, not a 400.
-    """
-
-
-def _check(served: ServedModel, rows: np.ndarray, context: np.ndarray | None, what: str) -> None:
-    if rows.ndim != 2 or rows.shape[1] != served.features:
-        raise OperationError(f"{what} must have shape (B, {served.features}), got {rows.shape}")
-    if served.context_features:
-        if context is None:
-            raise OperationError(f"model {served.name!r} needs context {served.context_names}")
-        if context.shape != (rows.shape[0], served.context_features):
-            raise OperationError(
-                f"context must have shape ({rows.shape[0]}, {served.context_features}), got {context.shape}"
-            )
-    elif context is not None:
-        raise OperationError(f"model {served.name!r} takes no context")
 
 
 async def _encode(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
                   context: np.ndarray | None, deadline: float | None) -> dict[str, np.ndarray]:
-    _check(served, inputs, context, "inputs")
     return await worker.submit(served.key, served.model, Pass.ENCODE, inputs, context, deadline=deadline)
 
 
@@ -90,7 +69,6 @@ async def inverse(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
 async def forward(worker: DeviceWorker, served: ServedModel, latents: np.ndarray,
                   context: np.ndarray | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
     """``{"outputs": (B, D), "log_prob": (B,)}``: :math:`x = f(z)` and :math:`\\log p(x)`."""
-    _check(served, latents, context, "latents")
     out = await worker.submit(served.key, served.model, Pass.DECODE, latents, context, deadline=deadline)
     return FORWARD.select(out)
 
@@ -109,19 +87,10 @@ async def sample(worker: DeviceWorker, served: ServedModel, n: int, seed: int | 
     from the system's entropy and returned, so any answer can be reproduced. ``log_prob`` is the
     model's own (untempered) log-density of each sample.
     """
-    if n < 1:
-        raise OperationError(f"n must be >= 1, got {n}")
-    if not temperature > 0:
-        raise OperationError(f"temperature must be > 0, got {temperature}")
     if seed is None:
         seed = secrets.randbits(63)
-    if not 0 <= seed <= MAX_SEED:
-        raise OperationError(f"seed must lie in [0, 2**64 - 1], got {seed}")
-    if context is not None and context.ndim == 2 and context.shape[0] == 1 and n != 1:
+    if context is not None and context.shape[0] == 1 and n != 1:
         context = np.repeat(context, n, axis=0)
-    # the shapes, on a zero-stride stand-in for the latents (no memory), before anything is drawn
-    _check(served, np.broadcast_to(np.zeros((1, served.features), np.float32), (n, served.features)), context,
-           "latents")
     # admit first: a request refused (queue full, too slow for its deadline) draws nothing
     with worker.reserve(served.key, Pass.DECODE, n, deadline) as reservation:
         # the draw is CPU torch work: off the event loop, on one intra-op thread (service/accel/threads.py)
@@ -141,8 +110,6 @@ def anomaly_scores(lp: np.ndarray, served: ServedModel, alpha: float | None = No
             "use log_prob instead"
         )
     alpha = served.anomaly_alpha if alpha is None else float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise OperationError(f"alpha must lie in (0, 1), got {alpha}")
     p_value = calibration.p_value(lp)
     return {
         "log_prob": lp,
@@ -163,8 +130,6 @@ async def score(worker: DeviceWorker, served: ServedModel, inputs: np.ndarray,
     """
     if served.calibration is None:
         anomaly_scores(np.empty(0), served, alpha)  # raises NoCalibration
-    if alpha is not None and not 0.0 < alpha < 1.0:
-        raise OperationError(f"alpha must lie in (0, 1), got {alpha}")
     out = await _encode(worker, served, inputs, context, deadline)
     scored = anomaly_scores(out["log_prob"], served, alpha)
     monitoring.observe(served, scored["log_prob"], scored["is_anomaly"])  # the drift monitor and flag counts

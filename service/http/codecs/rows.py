@@ -7,9 +7,13 @@ it converts) and one ``np.isfinite``; only when that fails does a Python pass wa
 the offending row, column or key. JSON ``true`` / ``false`` count as 1 / 0 (handy for one-hot
 context), as in pydantic's lax mode; ``null`` is not a number.
 
-Statuses: a value of the wrong JSON type (a string, an object) is 422; the wrong number of
-features, ragged rows, unknown or missing feature names and non-finite values are 400; more rows
-than the server allows is 413.
+Refusals are the edge's domain errors (:mod:`service.serving.errors`), answered by the status
+table :data:`service.http.problems.DOMAIN_ANSWERS`: a value of the wrong JSON type (a string, an
+object) is :class:`InvalidField` (422); the wrong number of features, ragged rows, unknown or
+missing feature names and non-finite values are :class:`InvalidInput` (400); more rows than the
+server allows is :class:`TooManyRows` (413). The rules an array shares with the in-process runner
+(shape, dtype, row count, finiteness) are :mod:`service.serving.validation`'s; this module adds
+what only JSON has (rows or records, ``null``, strings, ragged lists).
 """
 
 from __future__ import annotations
@@ -19,19 +23,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from service.http.problems import MAX_ERRORS, Problem, field_error
+from service.serving.errors import MAX_ERRORS, InvalidField, InvalidInput, field_error
+from service.serving.validation import array_rows, describe_names, finite, row_count, where, width_error
 
 __all__ = ["describe_names", "rows_array"]
 
 _NUMBER_TYPES = (int, float, bool)
 _BODY = "body"
-
-
-def describe_names(names: Sequence[str]) -> str:
-    """``['x0', 'x1']`` in full, or a short range for long lists."""
-    if len(names) <= 8:
-        return "[" + ", ".join(repr(n) for n in names) + "]"
-    return f"[{names[0]!r}, {names[1]!r}, ..., {names[-1]!r}]"
 
 
 def _json_type(value: Any) -> str:
@@ -57,30 +55,25 @@ def rows_array(value: Any, names: Sequence[str], field: str, *, max_rows: int | 
         max_rows: refuse more rows than this with 413.
         single_row_ok: also accept one bare row (a flat list of numbers or one record), as ``(1, D)``.
 
-    Raises :class:`~service.http.problems.Problem` naming the field, row and column at fault.
+    Raises :class:`~service.serving.errors.InvalidInput` (or its subclasses) naming the field, row
+    and column at fault.
     """
     width = len(names)
     if isinstance(value, np.ndarray):
         if single_row_ok and value.ndim == 1:
             value = value.reshape(1, -1)
-        return _check_array(value, names, field, max_rows)
+        return array_rows(value, names, field, max_rows)
     if single_row_ok and (isinstance(value, dict) or (isinstance(value, list) and value
                                                        and isinstance(value[0], _NUMBER_TYPES + (type(None),)))):
         value = [value]
     if not isinstance(value, list):
-        raise Problem(422, "invalid-field", f"{field} must be a list of rows, got {_json_type(value)}",
-                      errors=[field_error((_BODY, field), f"expected a list of rows, got {_json_type(value)}")])
-    if not value:
-        raise Problem(422, "invalid-field", f"{field} must hold at least one row",
-                      errors=[field_error((_BODY, field), "expected at least one row")])
-    if max_rows is not None and len(value) > max_rows:
-        raise Problem(413, "content-too-large",
-                      f"{field} has {len(value)} rows; this server takes at most {max_rows} per request",
-                      errors=[field_error((_BODY, field), f"at most {max_rows} rows")])
+        raise InvalidField(f"{field} must be a list of rows, got {_json_type(value)}",
+                           [field_error((_BODY, field), f"expected a list of rows, got {_json_type(value)}")])
+    row_count(len(value), field, max_rows)
     if isinstance(value[0], _NUMBER_TYPES) and all(isinstance(v, _NUMBER_TYPES) for v in value[:width + 1]):
         msg = (f"expected a list of rows, got a flat list of numbers; wrap each row in brackets, "
                f"e.g. [[{', '.join('...' for _ in names[:3])}{', ...' if width > 3 else ''}]]")
-        raise Problem(400, "invalid-input", f"{field}: {msg}", errors=[field_error((_BODY, field), msg)])
+        raise InvalidInput(f"{field}: {msg}", [field_error((_BODY, field), msg)])
     if isinstance(value[0], dict):
         arr = _records(value, names, field)
     else:
@@ -91,21 +84,26 @@ def rows_array(value: Any, names: Sequence[str], field: str, *, max_rows: int | 
         if arr is None or arr.ndim != 2 or arr.dtype.kind not in "fiub":
             arr = _explain_lists(value, names, field)
         elif arr.shape[1] != width:
-            raise _width_problem(field, names, arr.shape[1])
-    return _finite(np.asarray(arr, dtype=np.float64), names, field, value)
+            raise width_error(field, names, arr.shape[1])
+    return finite(np.asarray(arr, dtype=np.float64), names, field, value)
+
+
+#: a problem's kind: a JSON value of the wrong type (422), or a number that breaks a rule (400)
+_Kind = type[InvalidInput]
+_TYPE, _RULE = InvalidField, InvalidInput
 
 
 class _Errors:
-    """The first :data:`MAX_ERRORS` problems found (with their statuses), and how many there were."""
+    """The first :data:`MAX_ERRORS` problems found (with their kinds), and how many there were."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[int, dict[str, Any]]] = []
+        self.items: list[tuple[_Kind, dict[str, Any]]] = []
         self.total = 0
 
-    def add(self, status: int, loc: tuple[Any, ...], msg: str) -> None:
+    def add(self, kind: _Kind, loc: tuple[Any, ...], msg: str) -> None:
         self.total += 1
         if len(self.items) < MAX_ERRORS:
-            self.items.append((status, field_error(loc, msg)))
+            self.items.append((kind, field_error(loc, msg)))
 
 
 # -- records ---------------------------------------------------------------------------------------
@@ -128,14 +126,14 @@ def _explain_records(value: list[Any], names: Sequence[str], field: str) -> np.n
     errors = _Errors()
     for i, row in enumerate(value):
         if type(row) is not dict:
-            errors.add(422, (_BODY, field, i),
+            errors.add(_TYPE, (_BODY, field, i),
                        f"expected an object keyed by feature name (as row 0 is), got {_json_type(row)}")
             continue
         got = set(row)
         for key in sorted(got - keys):
-            errors.add(400, (_BODY, field, i, key), f"unknown feature name {key!r}; the names are {describe_names(names)}")
+            errors.add(_RULE, (_BODY, field, i, key), f"unknown feature name {key!r}; the names are {describe_names(names)}")
         for key in [n for n in names if n not in got]:
-            errors.add(400, (_BODY, field, i, key), f"missing feature {key!r}")
+            errors.add(_RULE, (_BODY, field, i, key), f"missing feature {key!r}")
         for key in names:
             if key in row:
                 _check_value(row[key], (_BODY, field, i, key), errors)
@@ -150,13 +148,13 @@ def _explain_lists(value: list[Any], names: Sequence[str], field: str) -> np.nda
     for i, row in enumerate(value):
         if not isinstance(row, list):
             if isinstance(row, dict):
-                errors.add(422, (_BODY, field, i), "expected a list of numbers (rows and records cannot be mixed)")
+                errors.add(_TYPE, (_BODY, field, i), "expected a list of numbers (rows and records cannot be mixed)")
             elif isinstance(row, _NUMBER_TYPES) and not isinstance(row, bool):
-                errors.add(400, (_BODY, field, i), f"expected a row (a list of {width} numbers), got a number")
+                errors.add(_RULE, (_BODY, field, i), f"expected a row (a list of {width} numbers), got a number")
             else:
-                errors.add(422, (_BODY, field, i), f"expected a row (a list of {width} numbers), got {_json_type(row)}")
+                errors.add(_TYPE, (_BODY, field, i), f"expected a row (a list of {width} numbers), got {_json_type(row)}")
         elif len(row) != width:
-            errors.add(400, (_BODY, field, i),
+            errors.add(_RULE, (_BODY, field, i),
                        f"row has {len(row)} values; the model has {width} {kind} {describe_names(names)}")
         else:
             for j, v in enumerate(row):
@@ -166,80 +164,23 @@ def _explain_lists(value: list[Any], names: Sequence[str], field: str) -> np.nda
 
 def _check_value(v: Any, loc: tuple[Any, ...], errors: _Errors) -> None:
     if v is None:
-        errors.add(400, loc, "null is not a number: data must be finite numbers")
+        errors.add(_RULE, loc, "null is not a number: data must be finite numbers")
     elif not isinstance(v, _NUMBER_TYPES):
-        errors.add(422, loc, f"expected a number, got {_json_type(v)}")
+        errors.add(_TYPE, loc, f"expected a number, got {_json_type(v)}")
 
 
 def _raise_or(errors: _Errors, field: str, value: list[Any], names: Sequence[str]) -> np.ndarray:
     if errors.items:
-        status, first = errors.items[0]
-        detail = f"{_where(first['loc'])}: {first['msg']}"
+        kind, first = errors.items[0]
+        detail = f"{where(first['loc'])}: {first['msg']}"
         if errors.total > 1:
             shown = len(errors.items)
             detail += f" ({errors.total} problems in {field}" + (f"; the first {shown} are listed)" if shown < errors.total else ")")
-        raise Problem(status, "invalid-input" if status == 400 else "invalid-field", detail,
-                      errors=[e for _, e in errors.items])
+        raise kind(detail, [e for _, e in errors.items])
     # nothing wrong found row by row (e.g. integers beyond int64): convert value by value
     try:
         if isinstance(value[0], dict):
             return np.asarray([[float(r[n]) for n in names] for r in value], dtype=np.float64)
         return np.asarray([[float(v) for v in row] for row in value], dtype=np.float64)
     except (ValueError, TypeError, OverflowError) as e:
-        raise Problem(400, "invalid-input", f"{field} could not be read as numbers: {e}",
-                      errors=[field_error((_BODY, field), str(e))]) from None
-
-
-def _where(loc: Sequence[Any]) -> str:
-    parts = list(loc[1:])
-    text = str(parts[0]) if parts else "body"
-    if len(parts) > 1:
-        text += f" row {parts[1]}"
-    if len(parts) > 2:
-        text += f" column {parts[2]}" if isinstance(parts[2], int) else f" key {parts[2]!r}"
-    return text
-
-
-def _width_problem(field: str, names: Sequence[str], got: int) -> Problem:
-    kind = "context features" if field == "context" else "features"
-    msg = f"each row has {got} values; the model has {len(names)} {kind} {describe_names(names)}"
-    return Problem(400, "invalid-input", f"{field}: {msg}", errors=[field_error((_BODY, field), msg)])
-
-
-# -- finiteness and arrays -------------------------------------------------------------------------
-def _finite(arr: np.ndarray, names: Sequence[str], field: str, value: Any) -> np.ndarray:
-    finite = np.isfinite(arr)
-    if finite.all():
-        return arr
-    records = isinstance(value, list) and value and isinstance(value[0], dict)
-    errors = []
-    for i, j in np.argwhere(~finite)[:MAX_ERRORS]:
-        i, j = int(i), int(j)
-        col: str | int = names[j] if records else j
-        original = value[i][col] if isinstance(value, list) else None
-        what = "null is not a number" if original is None and isinstance(value, list) else f"{arr[i, j]} is not finite"
-        errors.append(field_error((_BODY, field, i, col), f"{what}: data must be finite numbers"))
-    count = int((~finite).sum())
-    first = errors[0]
-    raise Problem(400, "invalid-input", f"{_where(first['loc'])}: {first['msg']} ({count} non-finite values)",
-                  errors=errors)
-
-
-def _check_array(arr: np.ndarray, names: Sequence[str], field: str, max_rows: int | None) -> np.ndarray:
-    """The checks of :func:`rows_array` for an array that came from a binary body."""
-    if arr.ndim != 2:
-        raise Problem(400, "invalid-input", f"{field} must be 2-D (rows, {len(names)}), got shape {arr.shape}",
-                      errors=[field_error((_BODY, field), f"expected 2 dimensions, got {arr.ndim}")])
-    if arr.dtype.kind not in "fiub":
-        raise Problem(400, "invalid-input", f"{field} must hold numbers, got dtype {arr.dtype}",
-                      errors=[field_error((_BODY, field), f"unsupported dtype {arr.dtype}")])
-    if arr.shape[0] < 1:
-        raise Problem(422, "invalid-field", f"{field} must hold at least one row",
-                      errors=[field_error((_BODY, field), "expected at least one row")])
-    if max_rows is not None and arr.shape[0] > max_rows:
-        raise Problem(413, "content-too-large",
-                      f"{field} has {arr.shape[0]} rows; this server takes at most {max_rows} per request",
-                      errors=[field_error((_BODY, field), f"at most {max_rows} rows")])
-    if arr.shape[1] != len(names):
-        raise _width_problem(field, names, arr.shape[1])
-    return _finite(np.asarray(arr, dtype=np.float64), names, field, arr)
+        raise InvalidInput(f"{field} could not be read as numbers: {e}", [field_error((_BODY, field), str(e))]) from None

@@ -20,6 +20,7 @@ from typing import Any, Hashable
 import numpy as np
 import torch
 
+from service.model import contract
 from service.serving.batching.config import OUTPUTS, Pass
 
 __all__ = ["Job", "Segment", "JobQueue", "check_rows", "numpy_dtype", "empty_result", "unpack", "assemble"]
@@ -101,28 +102,20 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 def check_rows(model: Any, rows: Any, context: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """Check that ``rows`` (and ``context``) are real-valued ``(n, D)`` (``(n, C)``) arrays for ``model``.
+    """``rows`` (and ``context``) as real-valued arrays that keep ``model``'s contract
+    (:func:`service.model.contract.check_rows`: ``(n, D)``, context ``(n, C)`` or ``None``).
 
-    These are the caller's contract (the API layer validates user input first); a request that
-    broke it could not even be concatenated with its batch neighbours, so it is refused here.
+    The edge validated the request's input, so a request that breaks this is a bug of its caller
+    (:class:`~service.model.contract.ContractError`); it is refused here, alone, because its rows
+    could not even be concatenated with their batch neighbours'.
     """
     rows = np.asarray(rows)
-    if rows.ndim != 2 or rows.shape[1] != model.features:
-        raise ValueError(f"rows must have shape (n, {model.features}), got {rows.shape}")
-    if rows.dtype.kind not in "fiu":
-        raise ValueError(f"rows must be real numbers, got dtype {rows.dtype}")
-    width = int(model.context_features)
-    if width == 0:
-        if context is not None:
-            raise ValueError("this model takes no context")
-        return rows, None
-    if context is None:
-        raise ValueError(f"this model needs {width} context features per row")
-    context = np.asarray(context)
-    if context.shape != (rows.shape[0], width):
-        raise ValueError(f"context must have shape ({rows.shape[0]}, {width}), got {context.shape}")
-    if context.dtype.kind not in "fiu":
-        raise ValueError(f"context must be real numbers, got dtype {context.dtype}")
+    context = None if context is None else np.asarray(context)
+    contract.check_rows(int(model.features), int(model.context_features), rows.shape,
+                        None if context is None else context.shape)
+    for array in (rows, context):
+        if array is not None and array.dtype.kind not in "fiu":
+            raise contract.ContractError(f"rows and context must be real numbers, got dtype {array.dtype}")
     return rows, context
 
 

@@ -47,6 +47,7 @@ import torch
 from service.serving.batching.compute import compute, short_message
 from service.serving.batching.config import BatchingConfig, BatchObserver, Pass
 from service.serving.batching.errors import ComputeError, DeadlineExceeded, QueueFull, WontFinish, WorkerStopped
+from service.model.contract import ContractError
 from service.serving.batching.jobs import Job, JobQueue, Segment, assemble, check_rows, empty_result
 from service.serving.batching.throughput import BULK_ROWS, RETRY_AFTER_BOUNDS, BulkRate, Throughput
 
@@ -339,7 +340,8 @@ class DeviceWorker:
             ``ENCODE`` → ``z, log_det, base_log_prob, log_prob``; ``DECODE`` → ``x, log_prob``.
 
         Raises:
-            ValueError: at once, if ``rows``/``context`` do not have the shapes the model needs.
+            ContractError: at once, if ``rows``/``context`` do not have the shapes the model needs (a bug
+                of the caller: the edge validates input).
             WorkerStopped: at once, when the worker is not accepting; later, if it stops without
                 draining before the request ran.
             QueueFull: at once, if the queue bound in rows would be exceeded, or the rows queued
@@ -360,7 +362,7 @@ class DeviceWorker:
                              f"on {reservation.key!r}, not for these rows")
         try:
             rows, context = check_rows(model, rows, context)
-        except ValueError:
+        except ContractError:
             if reservation is not None:
                 reservation.release()
             raise
