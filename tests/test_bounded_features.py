@@ -189,7 +189,7 @@ def _copy_with(src: Path, dst_root: Path, edit: Any) -> Path:
     (lambda m: m["preprocessing"].update(lower=[0.0]), "2 values"),
     (lambda m: m["preprocessing"].pop("upper"), "together"),
     (lambda m: m["preprocessing"].update(lower=["-Infinity", None]), "finite"),
-    (lambda m: m.update(format_version=3), "format_version 3 is not supported"),
+    (lambda m: m.update(format_version=4), "format_version 4 is not supported"),
 ])
 def test_bad_bounds_in_a_manifest_are_refused(bounded_repo: Path, tmp_path: Path, edit: Any, match: str) -> None:
     def apply(raw: dict[str, Any]) -> None:

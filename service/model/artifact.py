@@ -40,11 +40,12 @@ __all__ = [
 ]
 
 #: The newest manifest format this flowserve writes and reads. Format 2 adds per-feature bounds
-#: (``preprocessing.lower`` / ``.upper``); a model without bounds is still written as format 1, so
-#: that an older flowserve keeps reading it, and an older one refuses a bounded model by its format
-#: (it would otherwise compute the wrong density) instead of misreading it.
-FORMAT_VERSION = 2
-SUPPORTED_FORMATS = (1, 2)
+#: (``preprocessing.lower`` / ``.upper``), format 3 the decorrelating matrix ``preprocessing.linear``.
+#: Every model is written in the oldest format that can express it (no bounds, no ``linear``:
+#: format 1), so that an older flowserve keeps reading it, and an older one refuses a newer model by
+#: its format (it would otherwise compute the wrong density) instead of misreading it.
+FORMAT_VERSION = 3
+SUPPORTED_FORMATS = (1, 2, 3)
 MANIFEST_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -76,12 +77,17 @@ class _Strict(BaseModel):
 
 
 class Preprocessing(_Strict):
-    """Per-feature standardisation ``(x - shift) / scale``, folded into the density.
+    r"""Per-feature standardisation ``(x - shift) / scale``, folded into the density.
 
     ``lower`` / ``upper`` (format 2, optional): per-feature bounds, ``null`` for an unbounded
     feature. A bounded feature lies in the open interval ``(lower, upper)``; it is mapped to
     ``log(x - lower) - log(upper - x)`` before ``shift`` and ``scale`` (which then standardise that
     logit), with the exact log-Jacobian folded in (:mod:`service.model.density`).
+
+    ``linear`` (format 3, optional): a lower-triangular ``D x D`` matrix :math:`A` (rows, zeros
+    above the diagonal, positive diagonal) applied after the standardisation, ``u = A (x - shift) / scale``,
+    its log-determinant :math:`\sum_j \log A_{jj}` folded in; the robust Gaussian start of small-data
+    training records it (:mod:`service.training.fit`).
     """
 
     shift: list[float]
@@ -89,6 +95,23 @@ class Preprocessing(_Strict):
     dequantized: bool = False
     lower: list[float | None] | None = None
     upper: list[float | None] | None = None
+    linear: list[list[float]] | None = None
+
+    @model_validator(mode="after")
+    def _linear(self) -> "Preprocessing":
+        if self.linear is None:
+            return self
+        d = len(self.shift)
+        if len(self.linear) != d or any(len(row) != d for row in self.linear):
+            raise ValueError(f"linear must be a {d} x {d} matrix (a list of {d} rows of {d} numbers)")
+        for i, row in enumerate(self.linear):
+            if not all(math.isfinite(v) for v in row):
+                raise ValueError(f"linear row {i} holds a value that is not finite")
+            if any(v != 0 for v in row[i + 1 :]):
+                raise ValueError(f"linear must be lower-triangular: row {i} has a nonzero value above the diagonal")
+            if not row[i] > 0:
+                raise ValueError(f"linear must have a positive diagonal: entry ({i}, {i}) is {row[i]}")
+        return self
 
     @field_validator("scale")
     @classmethod
@@ -177,6 +200,8 @@ class Manifest(_Strict):
             raise ValueError(f"preprocessing.shift and .scale must each have {d} values")
         if self.preprocessing.lower is not None and self.format_version < 2:
             raise ValueError("preprocessing.lower/upper (bounds) need format_version 2")
+        if self.preprocessing.linear is not None and self.format_version < 3:
+            raise ValueError("preprocessing.linear needs format_version 3")
         return self
 
     @property
@@ -220,12 +245,13 @@ def build_model(manifest: Manifest) -> DensityModel:
     p = manifest.preprocessing
     shift = torch.tensor(p.shift, dtype=torch.float64)
     scale = torch.tensor(p.scale, dtype=torch.float64)
+    linear = None if p.linear is None else torch.tensor(p.linear, dtype=torch.float64)
     if p.lower is None or p.upper is None:
-        return DensityModel(manifest.flow, shift, scale, dtype=dtype)
+        return DensityModel(manifest.flow, shift, scale, dtype=dtype, linear=linear)
     nan = float("nan")
     lower = torch.tensor([nan if v is None else v for v in p.lower], dtype=torch.float64)
     upper = torch.tensor([nan if v is None else v for v in p.upper], dtype=torch.float64)
-    return DensityModel(manifest.flow, shift, scale, dtype=dtype, lower=lower, upper=upper)
+    return DensityModel(manifest.flow, shift, scale, dtype=dtype, lower=lower, upper=upper, linear=linear)
 
 
 def read_manifest(version_dir: Path) -> Manifest:
@@ -302,8 +328,9 @@ def save_artifact(root: Path | str, manifest_fields: dict[str, Any], model: Dens
     save_file(state, str(tmp / WEIGHTS_FILE))
     preprocessing = manifest_fields.get("preprocessing") or {}
     bounded = any(v is not None for v in (preprocessing.get("lower") or []))
+    linear = preprocessing.get("linear") is not None
     fields = {
-        "format_version": FORMAT_VERSION if bounded else 1,  # the oldest format that can express it
+        "format_version": 3 if linear else 2 if bounded else 1,  # the oldest format that can express it
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **manifest_fields,
         "version": version,
@@ -314,6 +341,8 @@ def save_artifact(root: Path | str, manifest_fields: dict[str, Any], model: Dens
     if manifest.preprocessing.lower is None:  # a format-1 manifest exactly as before bounds existed
         for key in ("lower", "upper"):
             record["preprocessing"].pop(key)
+    if manifest.preprocessing.linear is None:  # nor a linear key before format 3
+        record["preprocessing"].pop("linear")
     (tmp / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     final = model_dir / str(version)
     os.rename(tmp, final)

@@ -40,6 +40,18 @@ feature outside :math:`(a, b)` (a bound itself included, and infinities) gives `
 such a row. The flow runs on a placeholder value for it, so its batch neighbours are unaffected.
 A NaN feature stays NaN everywhere, as for unbounded features.
 
+Decorrelation. A model may also carry a lower-triangular matrix :math:`A` with a positive diagonal
+(``linear``), applied after the standardisation: the flow then sees :math:`u = A\,s(x)` and
+
+.. math:: \log p(x) = \log p_Z(T(u)) + \log |\det J_T(u)| + \sum_j \log A_{jj} - \sum_j \log \sigma_j .
+
+With :math:`(\mu, \mathrm{diag}(\sigma)\,R\,\mathrm{diag}(\sigma))` a robust Gaussian fit (location and
+scatter) and :math:`A = \mathrm{chol}(R)^{-1}`, an identity flow :math:`T` makes the model exactly that Gaussian
+(the small-data start of :mod:`service.training.fit`). :math:`A` is lower-triangular, so :math:`u_i` depends on
+:math:`x_{\le i}` only and a triangular flow stays triangular (the explanations' chain rule). The inverse
+solves :math:`A s = u` by forward substitution. Like the bounds, :math:`A` is recorded in the manifest,
+not among the weights.
+
 All operations act on rows, ``(B, D)``, with optional context rows ``(B, C)``; a row's result does
 not depend on the other rows of its batch.
 """
@@ -112,6 +124,9 @@ class DensityModel(nn.Module):
         lower, upper: optional per-feature bounds, shape ``(D,)``; NaN (or an infinite bound) marks a
             feature without bounds; a bounded feature needs finite :math:`a < b`. They are not part
             of the weights (the manifest records them), so an unbounded model's state is unchanged.
+        linear: optional lower-triangular :math:`A`, shape ``(D, D)``, finite with a positive
+            diagonal, applied to the standardised rows (see the module doc); not part of the weights
+            either (the manifest records it). ``None``: the identity.
     """
 
     def __init__(
@@ -122,6 +137,7 @@ class DensityModel(nn.Module):
         dtype: torch.dtype | None = None,
         lower: Tensor | None = None,
         upper: Tensor | None = None,
+        linear: Tensor | None = None,
     ) -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
@@ -141,7 +157,37 @@ class DensityModel(nn.Module):
         self.bounded_features: tuple[int, ...] = ()
         if lower is not None or upper is not None:
             self._set_bounds(lower, upper, features, dtype)
+        self.decorrelated = linear is not None
+        if linear is not None:
+            self._set_linear(torch.as_tensor(linear), features, dtype)
         self._runner: PassRunner | None = None
+
+    def _set_linear(self, linear: Tensor, features: int, dtype: torch.dtype) -> None:
+        a = linear.to(dtype)  # rounded to the dtype once, as shift and scale
+        if a.shape != (features, features):
+            raise ValueError(f"linear must have shape ({features}, {features}), got {tuple(a.shape)}")
+        if not bool(torch.all(torch.isfinite(a))):
+            raise ValueError("linear must be finite")
+        if bool(torch.any(torch.triu(a, diagonal=1) != 0)):
+            raise ValueError("linear must be lower-triangular (zeros above the diagonal)")
+        if not bool(torch.all(torch.diagonal(a) > 0)):
+            raise ValueError("linear must have a positive diagonal")
+        self.register_buffer("linear", a, persistent=False)
+
+    @property
+    def linear_matrix(self) -> list[list[float]] | None:
+        """:math:`A` as nested lists (rows), or ``None`` when there is none (the identity)."""
+        return self.linear.double().tolist() if self.decorrelated else None
+
+    def _to_flow(self, s: Tensor) -> Tensor:
+        """Standardised rows ``s`` to the flow's input ``u = A s`` (``s`` itself without ``linear``)."""
+        return s @ self.linear.T if self.decorrelated else s
+
+    def _from_flow(self, u: Tensor) -> Tensor:
+        """The inverse of :meth:`_to_flow`: solve ``A s = u`` for each row by forward substitution."""
+        if not self.decorrelated:
+            return u
+        return torch.linalg.solve_triangular(self.linear.T, u, upper=True, left=False)
 
     def _set_bounds(self, lower: Tensor | None, upper: Tensor | None, features: int, dtype: torch.dtype) -> None:
         nan = torch.full((features,), float("nan"), dtype=torch.float64)
@@ -194,7 +240,9 @@ class DensityModel(nn.Module):
         return self.flow(context.to(self.dtype)) if self.context_features else self.flow()
 
     def _standardisation_log_det(self) -> Tensor:
-        r""":math:`\log |\det \partial s / \partial x| = -\sum_j \log \sigma_j`."""
+        r""":math:`\log |\det \partial u / \partial x| = \sum_j \log A_{jj} - \sum_j \log \sigma_j` (:math:`A = I` without ``linear``)."""
+        if self.decorrelated:
+            return torch.log(torch.diagonal(self.linear)).sum() - torch.log(self.scale).sum()
         return -torch.log(self.scale).sum()
 
     def unbound(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,8 +280,8 @@ class DensityModel(nn.Module):
         return torch.where(m, inside, x)
 
     def from_standardised(self, u: Tensor) -> Tensor:
-        """Rows in the flow's standardised coordinates back to data units (no log-det)."""
-        y = u * self.scale + self.shift
+        """Rows in the flow's input coordinates ``u`` back to data units (no log-det)."""
+        y = self._from_flow(u) * self.scale + self.shift
         return self.bound(y)[0] if self.bounded_features else y
 
     # -- the two passes --------------------------------------------------------------------------
@@ -242,12 +290,12 @@ class DensityModel(nn.Module):
         x = x.to(self.dtype)
         dist = self._dist(context, x.shape[0])
         if not self.bounded_features:
-            z, ladj = dist.transform.call_and_ladj((x - self.shift) / self.scale)
+            z, ladj = dist.transform.call_and_ladj(self._to_flow((x - self.shift) / self.scale))
             log_det = ladj + self._standardisation_log_det()
             base = dist.base.log_prob(z)
             return Encoded(z=z, log_det=log_det, base_log_prob=base, log_prob=base + log_det)
         y, ld_bound, outside = self.unbound(x)
-        z, ladj = dist.transform.call_and_ladj((y - self.shift) / self.scale)
+        z, ladj = dist.transform.call_and_ladj(self._to_flow((y - self.shift) / self.scale))
         log_det = ladj + self._standardisation_log_det() + ld_bound
         base = dist.base.log_prob(z)
         nan = torch.full_like(log_det, float("nan"))
@@ -263,7 +311,7 @@ class DensityModel(nn.Module):
         z = z.to(self.dtype)
         dist = self._dist(context, z.shape[0])
         u, ladj_inv = inverse_and_ladj(dist.transform, z)  # = transform.inv.call_and_ladj(z), fewer MLP calls
-        x = u * self.scale + self.shift
+        x = self._from_flow(u) * self.scale + self.shift
         log_det = -ladj_inv + self._standardisation_log_det()
         if self.bounded_features:
             x, ld_bound = self.bound(x)
@@ -359,7 +407,8 @@ class DensityModel(nn.Module):
 
         True when the flow is one zuko autoregressive transform with the identity order (``maf`` /
         ``nsf-ar`` with ``transforms=1``, no ``randperm``), or there is a single feature: the
-        standardisation and the logit of bounded features are elementwise, so then
+        standardisation and the logit of bounded features are elementwise and ``linear`` is
+        lower-triangular, so then
         :math:`z_i` depends on :math:`x_{\le i}` only and
         :math:`\log p(x) = \sum_i [\log \mathcal{N}(z_i) + \log|\partial z_i / \partial x_i|]`, whose
         term :math:`i` is exactly :math:`\log p(x_i \mid x_{<i})`. zuko's default MAF / NSF-AR stack
@@ -381,7 +430,7 @@ class DensityModel(nn.Module):
 
         Term :math:`i` is :math:`\log \mathcal{N}(z_i; 0, 1) + \log|\partial z_i / \partial x_i|`: the
         autoregressive transform's elementwise log-derivative (zuko's univariate transform given
-        :math:`x_{<i}`), :math:`-\log \sigma_i`, and the logit's for a bounded feature. A row with a
+        :math:`x_{<i}`), :math:`-\log \sigma_i` (plus :math:`\log A_{ii}` with ``linear``), and the logit's for a bounded feature. A row with a
         bounded feature outside its interval has density zero: its terms are NaN (its ``log_prob``
         ``-inf``).
         """
@@ -396,7 +445,7 @@ class DensityModel(nn.Module):
             ld_bound = torch.where(m, torch.log(b - a) - torch.log(xs - a) - torch.log(b - xs), torch.zeros_like(xs))
         else:
             y, outside, ld_bound = x, None, torch.zeros_like(x)
-        u = (y - self.shift) / self.scale
+        u = self._to_flow((y - self.shift) / self.scale)
         transforms = list(getattr(dist.transform, "transforms", [dist.transform]))
         if len(transforms) == 1 and hasattr(transforms[0], "meta"):
             (t,) = transforms
@@ -408,7 +457,10 @@ class DensityModel(nn.Module):
             z, ladj = dist.transform.call_and_ladj(u)
             ld_flow = ladj[:, None]
         base = -0.5 * z.square() - 0.5 * math.log(2 * math.pi)
-        terms = base + ld_flow - torch.log(self.scale) + ld_bound
+        ld_affine = -torch.log(self.scale)
+        if self.decorrelated:  # u_i = sum_{j<=i} A_ij s_j: du_i/dx_i = A_ii / sigma_i
+            ld_affine = ld_affine + torch.log(torch.diagonal(self.linear))
+        terms = base + ld_flow + ld_affine + ld_bound
         if outside is not None:
             terms = torch.where(outside[:, None], torch.full_like(terms, float("nan")), terms)
         return terms
