@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from service.cli import main
-from service.model.artifact import MANIFEST_FILE
-from service.training.fit import MEDIUM_FLOW, SMALL_DATA_ROWS, SMALL_FLOW, TrainConfig, fit, mean_nll, resolve, trimmed_nll
+from service.model.artifact import MANIFEST_FILE, ArtifactError, load_artifact
+from service.model.density import DensityModel
+from service.model.flows import flow_spec
+from service.training.fit import (MEDIUM_FLOW, SMALL_DATA_ROWS, SMALL_FLOW, TrainConfig, fit, mean_nll, resolve, trimmed_nll,
+                                  zero_output_layers)
+from service.training.robust_start import gaussian_start, mcd
+from tests.tolerance import ulp_tolerance
 
 
 def test_trimmed_nll_averages_the_most_likely_rows_and_ignores_the_rest() -> None:
@@ -111,3 +117,135 @@ def test_a_bad_trim_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main(["train", str(data), "--name", "d", "--model-dir", str(tmp_path / "repo"), "--trim", trim])
     assert info.value.code == 2 and "--trim" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
+
+
+# -- the robust Gaussian start ------------------------------------------------------------------------
+_COV = np.array([[1.0, 0.6, 0.2], [0.6, 2.0, -0.4], [0.2, -0.4, 0.5]])
+
+
+def _contaminated(rows: int = 400, seed: int = 0) -> np.ndarray:
+    """A correlated 3-D Gaussian (mean (1, -2, 0.5), covariance ``_COV``) with 10 % of its rows moved far away."""
+    rng = np.random.default_rng(seed)
+    x = rng.multivariate_normal([1.0, -2.0, 0.5], _COV, size=rows)
+    x[: rows // 10] = rng.uniform(8.0, 12.0, size=(rows // 10, 3))
+    return x
+
+
+def test_the_mcd_ignores_the_contamination_the_sample_covariance_follows() -> None:
+    x = _contaminated()
+    mu, cov = mcd(x, seed=0)
+    assert np.abs(mu - [1.0, -2.0, 0.5]).max() < 0.2
+    assert np.abs(cov - _COV).max() < 0.3
+    assert np.abs(np.cov(x, rowvar=False) - _COV).max() > 5  # what plain moments give
+    shift, scale, linear = gaussian_start(x, seed=0)
+    assert np.array_equal(linear, np.tril(linear)) and (np.diag(linear) > 0).all()
+    np.testing.assert_allclose(shift, mu)
+    # A diag(1/sigma) Sigma diag(1/sigma) A^T = I: the flow's input has identity scatter
+    whitened = linear @ (cov / np.outer(scale, scale)) @ linear.T
+    np.testing.assert_allclose(whitened, np.eye(3), atol=ulp_tolerance(whitened, 64, np.float64))
+    with pytest.raises(ValueError, match="needs at least 6 rows"):
+        mcd(x[:5], seed=0)
+
+
+def _gaussian_log_pdf(x: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    d = x.shape[1]
+    prec = np.linalg.inv(cov)
+    return -0.5 * np.einsum("ij,jk,ik->i", x - mu, prec, x - mu) - 0.5 * np.linalg.slogdet(cov)[1] - 0.5 * d * np.log(2 * np.pi)
+
+
+@pytest.mark.parametrize("flow", ["nsf", "nsf-ar", "maf", "realnvp", "nice"])
+def test_at_the_mcd_start_every_flow_is_the_robust_gaussian(flow: str) -> None:
+    x = _contaminated()
+    shift, scale, linear = gaussian_start(x, seed=0)
+    model = DensityModel(flow_spec(flow, 3, 0, transforms=2, hidden_features=[8, 8]), torch.as_tensor(shift),
+                         torch.as_tensor(scale), dtype=torch.float64, linear=torch.as_tensor(linear))
+    zero_output_layers(model)
+    _, cov = mcd(x, seed=0)
+    with torch.inference_mode():
+        got = model.log_prob(torch.as_tensor(x)).numpy()
+        back = model.decode(model.encode(torch.as_tensor(x)).z)
+    want = _gaussian_log_pdf(x, shift, cov)
+    np.testing.assert_allclose(got, want, rtol=0, atol=ulp_tolerance(want, 256, np.float64))
+    np.testing.assert_allclose(back.x.numpy(), x, rtol=0, atol=ulp_tolerance(x, 256, np.float64))
+    np.testing.assert_allclose(back.log_prob.numpy(), got, rtol=0, atol=ulp_tolerance(got, 256, np.float64))
+
+
+def test_with_a_decorrelating_matrix_the_chain_rule_gives_the_gaussian_conditionals() -> None:
+    x = _contaminated()[40:100]
+    shift, scale, linear = gaussian_start(_contaminated(), seed=0)
+    model = DensityModel(flow_spec("maf", 3, 0, transforms=1, hidden_features=[8, 8]), torch.as_tensor(shift),
+                         torch.as_tensor(scale), dtype=torch.float64, linear=torch.as_tensor(linear))
+    zero_output_layers(model)
+    assert model.chain_rule_exact  # A is lower-triangular: dz/dx stays triangular
+    cov = np.diag(scale) @ np.linalg.inv(linear) @ np.linalg.inv(linear).T @ np.diag(scale)
+    with torch.inference_mode():
+        terms = model.chain_rule_terms(torch.as_tensor(x)).numpy()
+    # log p(x_i | x_<i) = log N(x_<=i) - log N(x_<i), from the marginals of N(shift, cov)
+    marginals = [np.zeros(x.shape[0])] + [_gaussian_log_pdf(x[:, :k], shift[:k], cov[:k, :k]) for k in (1, 2, 3)]
+    want = np.column_stack([marginals[k + 1] - marginals[k] for k in range(3)])
+    np.testing.assert_allclose(terms, want, rtol=0, atol=ulp_tolerance(want, 1024, np.float64))
+
+
+def test_the_start_follows_the_objective_and_the_rows_per_feature() -> None:
+    assert resolve(TrainConfig(), 300, 10).start == "mcd"
+    assert resolve(TrainConfig(), 19, 10).start == "standard"  # fewer than 2 rows per feature
+    assert resolve(TrainConfig(), SMALL_DATA_ROWS, 2).start == "standard"  # large data: plain NLL, plain start
+    assert resolve(TrainConfig(robust=False), 300, 2).start == "standard"
+    assert resolve(TrainConfig(start="standard"), 300, 2).start == "standard"
+    assert resolve(TrainConfig(robust=True), 50_000, 2).start == "mcd"
+    with pytest.raises(ValueError, match="start"):
+        resolve(TrainConfig(start="kmeans"), 300, 2)
+
+
+def test_a_robust_fit_starts_at_the_mcd_gaussian() -> None:
+    x = _contaminated(500, seed=1)
+    result = fit(x[:400], x[400:], TrainConfig(epochs=1, lr=1e-12, seed=0))  # one step that moves nothing
+    assert result.config is not None and result.config.start == "mcd" and result.model.decorrelated
+    mu, cov = mcd(x[:400], seed=0)
+    with torch.inference_mode():
+        got = result.model.log_prob(torch.as_tensor(x[400:], dtype=torch.float32)).double().numpy()
+    want = _gaussian_log_pdf(x[400:], mu, cov)
+    np.testing.assert_allclose(got, want, rtol=float(np.sqrt(np.finfo(np.float32).eps)), atol=1e-3)
+    plain = fit(x[:400], x[400:], TrainConfig(epochs=1, seed=0, start="standard"))
+    assert not plain.model.decorrelated
+
+
+def test_train_writes_the_mcd_start_as_an_exact_format_3_artifact(tmp_path: Path) -> None:
+    data = _csv(tmp_path / "d.csv", 200)
+    assert main(["train", str(data), "--name", "d", "--model-dir", str(tmp_path / "repo"), "--epochs", "3", "--quiet"]) == 0
+    folder = tmp_path / "repo" / "d" / "1"
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    assert manifest["format_version"] == 3 and manifest["training"]["start"] == "mcd"
+    linear = np.array(manifest["preprocessing"]["linear"])
+    assert linear.shape == (2, 2) and linear[0, 1] == 0 and (np.diag(linear) > 0).all()
+    assert manifest["exactness"]["passed"] is True
+    model = load_artifact(folder).model
+    assert model.decorrelated and np.array_equal(model.linear.double().numpy(), linear.astype(np.float32))
+    # --start standard: no matrix, and the format an older flowserve reads
+    assert main(["train", str(data), "--name", "d", "--model-dir", str(tmp_path / "repo"), "--epochs", "1", "--quiet",
+                 "--start", "standard"]) == 0
+    plain = json.loads((tmp_path / "repo" / "d" / "2" / MANIFEST_FILE).read_text())
+    assert plain["format_version"] == 1 and "linear" not in plain["preprocessing"]
+    assert plain["training"]["start"] == "standard"
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda p: p.update(linear=[[1.0, 0.5], [0.0, 1.0]]), "lower-triangular"),
+    (lambda p: p.update(linear=[[1.0, 0.0], [0.3, -1.0]]), "positive diagonal"),
+    (lambda p: p.update(linear=[[1.0, 0.0]]), "2 x 2"),
+    (lambda p: p.update(linear=[[1.0, 0.0], [float("nan"), 1.0]]), "not finite"),
+])
+def test_a_bad_decorrelating_matrix_is_refused(tmp_path: Path, change: Any, fragment: str) -> None:
+    data = _csv(tmp_path / "d.csv", 200)
+    assert main(["train", str(data), "--name", "d", "--model-dir", str(tmp_path / "repo"), "--epochs", "1", "--quiet"]) == 0
+    path = tmp_path / "repo" / "d" / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    change(manifest["preprocessing"])
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=fragment):
+        load_artifact(path.parent)
+    manifest["format_version"] = 2  # a format-2 manifest cannot carry the matrix at all
+    manifest["preprocessing"]["linear"] = [[1.0, 0.0], [0.0, 1.0]]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format_version 3"):
+        load_artifact(path.parent)

@@ -35,6 +35,10 @@ dropped, --trim), the flow is small unless --transforms or --hidden is given (1 
 with 16,16 hidden units below 50 rows per feature, else 3 transforms with 32,32) and batches are rows/4 (16..256). From 2,000 rows on it is plain
 maximum likelihood with the flow's defaults and batches of 256. --robust / --no-robust
 override the objective; the model card records it (training.objective, training.robust).
+With the robust objective and at least 2 rows per feature the fit starts from the robust
+(minimum covariance determinant) Gaussian of the training rows with an identity flow
+(--start mcd; --start standard: per-feature standardisation and a random flow); the card
+records it (training.start) and the Gaussian's matrix (preprocessing.linear).
 
 examples:
   flowserve train data/moons.csv --name moons
@@ -114,6 +118,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     opt.add_argument("--robust", action=argparse.BooleanOptionalAction, default=None,
                      help="trimmed-likelihood objective (default: on below 2,000 training rows, off from there)")
     opt.add_argument("--trim", type=_fraction, default=0.1, help="fraction of least likely rows the robust objective drops (default 0.1)")
+    opt.add_argument("--start", choices=["mcd", "standard"], default=None,
+                     help="initial model: the robust MCD Gaussian with an identity flow, or standardisation and a "
+                          "random flow (default: mcd with the robust objective and at least 2 rows per feature)")
     opt.add_argument("--threads", type=_positive(int), default=1, help="torch threads while training (default 1)")
     opt.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate (default 1e-3)")
     opt.add_argument("--patience", type=_positive(int), default=20, help="epochs without validation gain before stopping (default 20)")
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         flow=args.flow, transforms=args.transforms, hidden_features=args.hidden, bins=args.bins,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
         patience=args.patience, seed=args.seed, dtype="float64" if args.float64 else "float32",
-        robust=args.robust, trim=args.trim, threads=args.threads,
+        robust=args.robust, trim=args.trim, threads=args.threads, start=args.start,
     )
     best = float("inf")
     with progress(args.epochs, args.quiet, unit="epoch") as bar:

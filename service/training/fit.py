@@ -21,7 +21,15 @@ training rows :math:`n`. Below :data:`SMALL_DATA_ROWS` (2,000) training rows the
 with 16x16 hidden units when there are fewer than :data:`ROWS_PER_FEATURE` (50) rows per feature,
 three transforms with 32x32 when there are more, as for a curved 2-D set of a few hundred rows),
 and batches of :math:`\mathrm{clip}(n/4, 16, 256)` rows, so that an epoch
-has several Adam steps. The per-flow defaults hold ~100k parameters; on a few hundred rows such a
+has several Adam steps, and a *robust Gaussian start* (``start="mcd"``, when there are at least
+:math:`2D` rows): the preprocessing is the minimum-covariance-determinant Gaussian of the training
+rows (:mod:`service.training.robust_start`: ``shift`` its location, ``scale`` its per-feature
+spread, ``linear`` the inverse Cholesky factor of its correlation) and each transform's output
+layer starts at zero, which makes every zuko transform the identity, so the model *is* that robust
+Gaussian before the first step and the trimmed likelihood refines it from there. With a few dozen
+rows the flow's random start otherwise decides much of the result (on ``wine`` the seed spread of
+the AUROC was 0.64-0.97). ``start="standard"`` is the per-feature mean and standard deviation and
+zuko's random initialisation (what large data gets). The per-flow defaults hold ~100k parameters; on a few hundred rows such a
 flow stays close to its random initialisation or fits the anomalies among the rows. At or above
 2,000 rows the fit is plain maximum likelihood with the per-flow defaults and batches of 256, as
 before: trimming costs density accuracy when the data is clean and plentiful (it cuts the tails
@@ -48,9 +56,11 @@ from service.model.density import DensityModel
 from service.model.flows import flow_spec
 from service.accel.threads import torch_threads
 from service.training.data import unbound_rows
+from service.training.robust_start import gaussian_start
 
 __all__ = [
     "SMALL_DATA_ROWS",
+    "STARTS",
     "MEDIUM_FLOW",
     "ROWS_PER_FEATURE",
     "SMALL_FLOW",
@@ -61,6 +71,7 @@ __all__ = [
     "resolve",
     "standardisation",
     "trimmed_nll",
+    "zero_output_layers",
 ]
 
 #: training rows below which the fit is in the small-data regime (robust, small flow, small batches)
@@ -70,6 +81,8 @@ SMALL_DATA_ROWS = 2000
 SMALL_FLOW: dict[str, Any] = {"transforms": 1, "hidden_features": [16, 16]}
 MEDIUM_FLOW: dict[str, Any] = {"transforms": 3, "hidden_features": [32, 32]}
 ROWS_PER_FEATURE = 50
+#: the starts :func:`fit` knows: the robust (MCD) Gaussian with identity flow, or standardisation + zuko's init
+STARTS = ("mcd", "standard")
 
 
 @dataclass
@@ -78,7 +91,8 @@ class TrainConfig:
 
     ``None`` in ``transforms``, ``hidden_features``, ``batch_size`` and ``robust`` means "chosen
     from the data" (:func:`resolve`); ``trim`` is the fraction of each batch the robust objective drops;
-    ``threads`` the torch intra-op threads used while training (``None``: leave torch's setting).
+    ``threads`` the torch intra-op threads used while training (``None``: leave torch's setting);
+    ``start`` one of :data:`STARTS` (``None``: ``"mcd"`` when robust with at least ``2 D`` rows).
     """
 
     flow: str = "nsf"
@@ -96,6 +110,7 @@ class TrainConfig:
     robust: bool | None = None
     trim: float = 0.1
     threads: int | None = 1
+    start: str | None = None
 
 
 @dataclass
@@ -139,7 +154,11 @@ def resolve(config: TrainConfig, rows: int, features: int) -> TrainConfig:
         transforms, hidden = size["transforms"], list(size["hidden_features"])
     if not 0.0 <= config.trim < 0.5:
         raise ValueError(f"trim must lie in [0, 0.5), got {config.trim}")
-    return dataclasses.replace(config, robust=robust, batch_size=batch, transforms=transforms, hidden_features=hidden)
+    if config.start is not None and config.start not in STARTS:
+        raise ValueError(f"start must be one of {list(STARTS)}, got {config.start!r}")
+    start = config.start or ("mcd" if robust and rows >= 2 * features else "standard")
+    return dataclasses.replace(config, robust=robust, batch_size=batch, transforms=transforms, hidden_features=hidden,
+                               start=start)
 
 
 def objective_name(config: TrainConfig) -> str:
@@ -153,6 +172,25 @@ def trimmed_nll(log_p: torch.Tensor, trim: float) -> torch.Tensor:
     if drop == 0:
         return -log_p.mean()
     return -torch.topk(log_p, log_p.shape[0] - drop, sorted=False).values.mean()
+
+
+def zero_output_layers(model: DensityModel) -> None:
+    r"""Set the last linear layer of each transform's conditioner to zero: every zuko transform is then the identity.
+
+    A zero conditioner output gives a spline of equal bins and unit knot derivatives (``nsf``,
+    ``nsf-ar``), a zero shift and unit scale (``maf``, ``realnvp``), a zero shift (``nice``); the
+    hidden layers keep their random weights, so gradients reach them after the first step.
+    """
+    transforms = list(getattr(model.flow.transform, "transforms", [model.flow.transform]))
+    for t in transforms:
+        hyper = getattr(t, "hyper", None)
+        if hyper is None:
+            continue
+        last = [m for m in hyper.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            if last.bias is not None:
+                last.bias.zero_()
 
 
 def mean_nll(
@@ -206,14 +244,25 @@ def _fit(
     trim = config.trim if config.robust else 0.0
     torch.manual_seed(config.seed)
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
-    shift, scale = standardisation(x_train if bounds is None else unbound_rows(x_train, *bounds))
+    rows = x_train if bounds is None else unbound_rows(x_train, *bounds)
+    linear = None
+    if config.start == "mcd":
+        try:
+            shift, scale, linear = gaussian_start(rows, config.seed)
+        except (ValueError, np.linalg.LinAlgError):  # no nonsingular half of the rows: the plain start
+            config = dataclasses.replace(config, start="standard")
+    if config.start != "mcd":
+        shift, scale = standardisation(rows)
     context = 0 if c_train is None else c_train.shape[1]
     options: dict[str, Any] = {"transforms": config.transforms, "hidden_features": config.hidden_features}
     if config.flow.startswith("nsf"):
         options["bins"] = config.bins
     spec = flow_spec(config.flow, x_train.shape[1], context, **options)
     lower, upper = (None, None) if bounds is None else (torch.as_tensor(bounds[0]), torch.as_tensor(bounds[1]))
-    model = DensityModel(spec, torch.as_tensor(shift), torch.as_tensor(scale), dtype=dtype, lower=lower, upper=upper)
+    model = DensityModel(spec, torch.as_tensor(shift), torch.as_tensor(scale), dtype=dtype, lower=lower, upper=upper,
+                         linear=None if linear is None else torch.as_tensor(linear))
+    if config.start == "mcd":
+        zero_output_layers(model)
 
     xt = torch.as_tensor(x_train, dtype=dtype)
     xv = torch.as_tensor(x_val, dtype=dtype)
