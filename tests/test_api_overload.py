@@ -81,3 +81,19 @@ def test_shedding_can_be_turned_off(model_repo: Path, tmp_path: Path) -> None:
         assert server.metric("flowserve_requests_shed_total") == 0
     finally:
         server.terminate()
+
+
+def test_operations_are_recognised_for_shedding_behind_a_root_path() -> None:
+    """Shedding matches paths as the app routes them: less uvicorn's ``root_path`` prefix."""
+    from service.http.shedding import is_operation
+
+    def scope(path: str, root: str = "", method: str = "POST") -> dict:
+        return {"type": "http", "method": method, "path": path, "root_path": root}
+
+    assert is_operation(scope("/v1/models/moons/log_prob"))
+    assert is_operation(scope("/prefix/v1/models/moons/log_prob", "/prefix"))
+    assert is_operation(scope("/prefix/v1/models/moons/versions/1/sample", "/prefix"))
+    assert is_operation(scope("/prefix/v2/models/moons/infer", "/prefix"))
+    assert not is_operation(scope("/prefix/v1/models/moons/log_prob", "/prefix", method="GET"))
+    assert not is_operation(scope("/prefix/healthz", "/prefix"))
+    assert not is_operation(scope("/prefix/v1/models/moons/nothing", "/prefix"))

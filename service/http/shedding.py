@@ -46,7 +46,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.http.problems import Problem
-from service.http.router import match_operation
+from service.http.router import match_operation, route_path
 
 __all__ = ["Completions", "LoadShedding", "LoopLag", "is_operation"]
 
@@ -61,10 +61,13 @@ LAG_DECAY = 0.8
 
 
 def is_operation(scope: Scope) -> bool:
-    """Whether ``scope`` is an operation ``POST`` (v1 or v2 ``infer``), the requests that may be shed."""
+    """Whether ``scope`` is an operation ``POST`` (v1 or v2 ``infer``), the requests that may be shed.
+
+    Paths are matched as the app routes them: less the ``root_path`` prefix (:func:`route_path`).
+    """
     if scope["type"] != "http" or scope["method"] != "POST":
         return False
-    path: str = scope["path"]
+    path = route_path(scope)
     if path.startswith("/v2/models/"):
         return path.endswith("/infer")
     return match_operation(path) is not None
@@ -145,7 +148,7 @@ class LoadShedding:
     """An ASGI app: operation requests refused with 503 when the estimated wait is too long.
 
     Arguments:
-        app: the app to protect (the fast path over :func:`service.http.create_app`'s app).
+        app: the app to protect (:func:`service.http.create_app`'s app).
         state: the :class:`~service.http.state.ServiceState` (settings, metrics, worker).
         fraction: shed when the estimated wait exceeds ``fraction * settings.request_timeout_s``;
             0 turns shedding off (the lag is still measured and exported).
