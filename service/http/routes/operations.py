@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.serving import validation
 from service.serving.registry import ServedModel
 from service.http.codecs import binary
 from service.http.codecs.bodies import JSON, ParsedBody, parse_body
@@ -78,29 +79,18 @@ def _main_rows(parsed: ParsedBody, served: ServedModel, field: str, max_rows: in
 
 
 def _context(parsed: ParsedBody, served: ServedModel, rows: int, *, broadcast: bool = False) -> np.ndarray | None:
-    """Context rows for ``rows`` data rows (one row is also accepted when ``broadcast``)."""
+    """Context rows for ``rows`` data rows (one row is also accepted when ``broadcast``), by the
+    rules of :mod:`service.serving.validation`."""
     value = parsed.fields.get("context")
-    if not served.context_features:
-        if value is not None:
-            raise Problem(400, "invalid-input", f"model {served.name!r} is not conditional and takes no context",
-                          errors=[field_error(("body", "context"), "not accepted by this model; remove it")])
+    hint = ""
+    if parsed.media_type == binary.NPY:
+        hint = ("; an .npy body holds one array: send an .npz body (Content-Type: application/x-npz) "
+                "with the arrays 'inputs' (or 'latents') and 'context'")
+    if not validation.takes_context(served.name, served.context_names, value is not None, broadcast=broadcast,
+                                    hint=hint):
         return None
-    names = served.context_names
-    if value is None:
-        hint = ""
-        if parsed.media_type == binary.NPY:
-            hint = ("; an .npy body holds one array: send an .npz body (Content-Type: application/x-npz) "
-                    "with the arrays 'inputs' (or 'latents') and 'context'")
-        raise Problem(400, "invalid-input",
-                      f"model {served.name!r} is conditional: context with {len(names)} values "
-                      f"{describe_names(names)} is required" + ("" if broadcast else " for every row") + hint,
-                      errors=[field_error(("body", "context"), "required by this model")])
-    arr = rows_array(value, names, "context", single_row_ok=broadcast)
-    if arr.shape[0] != rows and not (broadcast and arr.shape[0] == 1):
-        expected = f"1 or {rows}" if broadcast else str(rows)
-        raise Problem(400, "invalid-input", f"context has {arr.shape[0]} rows; expected {expected}",
-                      errors=[field_error(("body", "context"), f"expected {expected} rows, got {arr.shape[0]}")])
-    return arr
+    arr = rows_array(value, served.context_names, "context", single_row_ok=broadcast)
+    return validation.context_rows(arr, rows, broadcast=broadcast)
 
 
 def _answer(served: ServedModel, **arrays: Any) -> dict[str, Any]:
