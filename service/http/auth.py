@@ -23,7 +23,8 @@ UTF-8 bytes.
 
 ``Depends(require_api_key)`` / ``Depends(require_admin_key)`` raise them for FastAPI's routes (the
 app's handlers answer them, /v2's route class in its own shape); :func:`check_api_key` and
-:func:`check_admin_key` raise them for code that is not a dependency (the fast router).
+:func:`check_admin_key` raise them for code that is not a dependency (the operation router, which
+answers them with the app's handler for their class).
 """
 
 from __future__ import annotations
@@ -31,16 +32,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.serving.errors import FlowserveError
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from service.http.problems import Problem
 
 __all__ = [
     "AdminDisabled",
@@ -86,18 +84,6 @@ class Keys:
 
 class AuthError(FlowserveError):
     """A request without the key it needs (its answer: :data:`service.http.problems.DOMAIN_ANSWERS`)."""
-
-    def problem(self) -> "Problem":
-        """This refusal's answer from the status table, for a caller that answers it itself.
-
-        Kept for :class:`service.http.router.OperationFastPath`, which raises it; the app's handler
-        for the class (found along the MRO, as the fast router looks it up) gives the same answer.
-        """
-        from service.http.problems import domain_problem  # problems imports this module's classes
-
-        problem = domain_problem(self, None)
-        assert problem is not None, f"{type(self).__name__} has no row in DOMAIN_ANSWERS"
-        return problem
 
 
 class Unauthorized(AuthError):
