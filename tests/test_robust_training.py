@@ -193,6 +193,9 @@ def test_the_start_follows_the_objective_and_the_rows_per_feature() -> None:
     assert resolve(TrainConfig(robust=False), 300, 2).start == "standard"
     assert resolve(TrainConfig(start="standard"), 300, 2).start == "standard"
     assert resolve(TrainConfig(robust=True), 50_000, 2).start == "mcd"
+    # the pooled rows' Gaussian ignores the context a conditional model places its modes by
+    assert resolve(TrainConfig(), 300, 2, conditional=True).start == "standard"
+    assert resolve(TrainConfig(start="mcd"), 300, 2, conditional=True).start == "mcd"
     with pytest.raises(ValueError, match="start"):
         resolve(TrainConfig(start="kmeans"), 300, 2)
 

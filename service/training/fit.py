@@ -22,7 +22,7 @@ with 16x16 hidden units when there are fewer than :data:`ROWS_PER_FEATURE` (50) 
 three transforms with 32x32 when there are more, as for a curved 2-D set of a few hundred rows),
 and batches of :math:`\mathrm{clip}(n/4, 16, 256)` rows, so that an epoch
 has several Adam steps, and a *robust Gaussian start* (``start="mcd"``, when there are at least
-:math:`2D` rows): the preprocessing is the minimum-covariance-determinant Gaussian of the training
+:math:`2D` rows and no context): the preprocessing is the minimum-covariance-determinant Gaussian of the training
 rows (:mod:`service.training.robust_start`: ``shift`` its location, ``scale`` its per-feature
 spread, ``linear`` the inverse Cholesky factor of its correlation) and each transform's output
 layer starts at zero, which makes every zuko transform the identity, so the model *is* that robust
@@ -139,9 +139,15 @@ def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return shift, scale
 
 
-def resolve(config: TrainConfig, rows: int, features: int) -> TrainConfig:
+def resolve(config: TrainConfig, rows: int, features: int, *, conditional: bool = False) -> TrainConfig:
     """``config`` with the data-dependent choices made for ``rows`` training rows of ``features``
-    features (see the module doc)."""
+    features (see the module doc); ``conditional``: the model takes context rows.
+
+    A conditional model gets the standard start unless ``start`` is given: the robust Gaussian of
+    the pooled rows ignores the context, which is what a conditional model uses to place its modes
+    (on three blobs told apart by a one-hot context, the MCD keeps about half the rows, so one or
+    two blobs start far in its tails, and 6 epochs ended at a 5 % calibration log-density of
+    -14.3 against -4.2 from the standard start)."""
     small = rows < SMALL_DATA_ROWS
     robust = small if config.robust is None else config.robust
     if config.batch_size is None:
@@ -156,7 +162,7 @@ def resolve(config: TrainConfig, rows: int, features: int) -> TrainConfig:
         raise ValueError(f"trim must lie in [0, 0.5), got {config.trim}")
     if config.start is not None and config.start not in STARTS:
         raise ValueError(f"start must be one of {list(STARTS)}, got {config.start!r}")
-    start = config.start or ("mcd" if robust and rows >= 2 * features else "standard")
+    start = config.start or ("mcd" if robust and rows >= 2 * features and not conditional else "standard")
     return dataclasses.replace(config, robust=robust, batch_size=batch, transforms=transforms, hidden_features=hidden,
                                start=start)
 
@@ -226,7 +232,7 @@ def fit(
     the number of training rows (:func:`resolve`); with ``robust`` both the batch loss and the
     validation criterion are the trimmed NLL (:func:`trimmed_nll`).
     """
-    config = resolve(config, x_train.shape[0], x_train.shape[1])
+    config = resolve(config, x_train.shape[0], x_train.shape[1], conditional=c_train is not None)
     with torch_threads(config.threads):
         return _fit(x_train, x_val, config, c_train, c_val, on_epoch, bounds)
 
