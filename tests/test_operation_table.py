@@ -1,6 +1,6 @@
 """Every consumer of an operation reads :data:`service.serving.table.TABLE`.
 
-The v1 endpoints, the fast router's matching, the ``.npy`` answers' main field, the documented
+The v1 endpoints, the operation router's matching, the ``.npy`` answers' main field, the documented
 request / answer / parameter models, the OpenAPI paths, ``/v2``'s outputs, the in-process runner
 and the math in :mod:`service.serving.operations` all give the table's operations and fields.
 The client distribution does not import the service (by design); its methods are checked here

@@ -1,7 +1,7 @@
 r"""The operations of the API, each declared once: what every consumer of an operation reads.
 
 One :class:`Operation` per operation in :data:`TABLE`. The v1 routes (and the OpenAPI document
-they register), the fast router, ``/v2``'s outputs, the ``.npy`` answers
+they register, documentation only), the operation router, ``/v2``'s outputs, the ``.npy`` answers
 (:data:`service.http.codecs.binary.MAIN_FIELD`) and the in-process runner
 (:class:`service.serving.inprocess.LocalModel`) all derive their lists of operations and fields
 from here. An operation's math is the function of the same name in
