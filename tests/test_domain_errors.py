@@ -130,12 +130,16 @@ def test_the_in_process_runner_refuses_with_the_edge_s_rules(model_repo: Path) -
         cond.log_prob(np.zeros((3, 2)), np.zeros((2, 3)))
     with pytest.raises(InvalidField, match="must hold at least one row"):
         moons.log_prob(np.zeros((0, 2)))
-    with pytest.raises(InvalidField, match="n must be >= 1"):
+    # the parameters' rules are the v1 schemas' (service.serving.parameters), in the same words as over HTTP
+    with pytest.raises(InvalidField, match="^n: Input should be greater than or equal to 1$"):
         moons.sample(0)
-    with pytest.raises(InvalidField, match="temperature must be > 0"):
+    with pytest.raises(InvalidField, match="^temperature: Input should be greater than 0$"):
         moons.sample(3, temperature=0.0)
-    with pytest.raises(InvalidField, match=r"alpha must lie in \(0, 1\)"):
+    with pytest.raises(InvalidField, match="^seed: Input should be less than or equal to 18446744073709551615$"):
+        moons.sample(3, seed=1 << 64)
+    with pytest.raises(InvalidField, match="^alpha: Input should be less than 1$") as refused:
         moons.score(np.zeros((2, 2)), alpha=1.5)
+    assert refused.value.errors == [{"loc": ["body", "alpha"], "msg": "Input should be less than 1"}]
     # what passes the edge is computed: one context row stands for all
     assert cond.log_prob(np.zeros((3, 2)), np.zeros((1, 3))).shape == (3,)
 

@@ -2,8 +2,9 @@
 
 Two roles:
 
-- The ``*Params`` models validate an operation's scalar fields (``n``, ``seed``, ``alpha``...)
-  strictly; unknown fields are refused. They are tiny, so pydantic is cheap here.
+- The ``*Params`` models (:mod:`service.serving.parameters`, where their rules are written once)
+  validate an operation's scalar fields (``n``, ``seed``, ``alpha``...) strictly; unknown fields are
+  refused. They are tiny, so pydantic is cheap here. The request models below derive from them.
 - The ``*Request`` / ``*Response`` models describe whole bodies for the OpenAPI document and
   ``/docs``. The arrays (``inputs``, ``latents``, ``context``) are **not** validated through them:
   the hot path converts rows with numpy (:mod:`service.http.codecs.rows`), which is orders of magnitude
@@ -20,7 +21,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.serving.validation import MAX_SEED
+from service.serving.parameters import (PARAMS, EncodeParams, ExplainParams, ForwardParams, SampleParams,
+                                        ScoreParams)
 
 __all__ = [
     "EncodeParams",
@@ -80,49 +82,6 @@ DIGIT_ZERO = [k + 0.5 for k in (
     0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
     0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0)]
 ONE_HOT_ZERO = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-# -- operation parameters (validated at run time) ----------------------------------------------------
-class EncodeParams(_Params):
-    """``log_prob`` and ``inverse`` take only arrays."""
-
-
-class ForwardParams(_Params):
-    """``forward`` takes only arrays."""
-
-
-class ExplainParams(_Params):
-    """``explain`` takes only arrays."""
-
-
-class ScoreParams(_Params):
-    alpha: float | None = Field(
-        None, gt=0.0, lt=1.0, allow_inf_nan=False,
-        description="Significance level in (0, 1): a row is an anomaly when its p-value <= alpha. "
-                    "Default: the model's `anomaly_alpha` (0.01 unless its manifest says otherwise).",
-        examples=[0.01],
-    )
-
-
-class SampleParams(_Params):
-    n: int = Field(..., ge=1, description="How many samples to draw (at most the server's max_samples).",
-                   examples=[5])
-    seed: int | None = Field(
-        None, ge=0, le=MAX_SEED,
-        description="Seed of the request's own noise generator: the same seed, model, n, temperature and context "
-                    "give the same samples whatever else the server is doing. Drawn at random (and returned) "
-                    "when absent.",
-        examples=[3],
-    )
-    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False,
-                               description="Scale of the base noise, > 0 and finite (1 samples the model).",
-                               examples=[1.0])
-    return_log_prob: bool = Field(False, description="Also answer the log-density of each sample.")
-    return_latents: bool = Field(False, description="Also answer the latents each sample was decoded from.")
 
 
 # -- whole request bodies (for the docs) --------------------------------------------------------------
@@ -284,10 +243,6 @@ class ExplainResponse(_Answer):
     feature_names: list[str] = Field(..., description="The features, in the order of the contributions.")
 
 
-#: operation -> the model of its scalar fields (query parameters with a binary or empty body)
-PARAMS: dict[str, type[BaseModel]] = {"log_prob": EncodeParams, "inverse": EncodeParams, "forward": ForwardParams,
-                                      "sample": SampleParams, "score": ScoreParams,
-                                      "explain": ExplainParams}
 #: operation -> the model that documents its answer
 RESPONSE_MODELS: dict[str, type[BaseModel]] = {"log_prob": LogProbResponse, "inverse": InverseResponse,
                                                "forward": ForwardResponse, "sample": SampleResponse,

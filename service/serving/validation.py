@@ -1,8 +1,9 @@
 """The rules the API's input must keep, written once, checked at the edge.
 
 Used by the HTTP codecs (:mod:`service.http.codecs.rows` for JSON and binary bodies, the v1
-operations for context) and by the in-process runner (:mod:`service.serving.inprocess`, the CLI's
-and the bench's way in without a server). Each refusal is an
+operations for context and their scalar parameters, /v2's ``parameters.alpha``), by the in-process
+runner (:mod:`service.serving.inprocess`, the CLI's and the bench's way in without a server) and by
+the CLI's options. Each refusal is an
 :class:`~service.serving.errors.InvalidInput` (400), :class:`~service.serving.errors.InvalidField`
 (422) or :class:`~service.serving.errors.TooManyRows` (413) naming the field, row and column at
 fault; the HTTP layer answers them through its status table, the CLI prints their detail (they
@@ -12,35 +13,38 @@ keep only their shape contract (:mod:`service.model.contract`), whose violation 
 The rules: rows are a 2-D array of real numbers, one column per feature name, at least one row
 and at most the server's ``max_rows``, every value finite; a conditional model needs context (one
 column per context name, one row per row, or one row for all where the operation broadcasts it),
-an unconditional one takes none; ``alpha`` lies in (0, 1); a sample has ``n >= 1`` rows,
-``temperature > 0`` and a seed in ``[0, 2**64 - 1]``.
+an unconditional one takes none. The scalar parameters (``alpha`` in (0, 1); a sample's
+``n >= 1``, ``temperature > 0`` and seed in ``[0, 2**64 - 1]``) are the pydantic models of
+:mod:`service.serving.parameters`, checked here by :func:`parameters` (and its shorthands
+:func:`check_alpha`, :func:`check_sample`) into the same :class:`InvalidField` wherever they come from.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from service.serving.errors import MAX_ERRORS, InvalidField, InvalidInput, TooManyRows, field_error
+from service.serving.parameters import SampleParams, ScoreParams
 
 __all__ = [
-    "MAX_SEED",
     "array_rows",
     "check_alpha",
     "check_sample",
     "context_rows",
     "describe_names",
     "finite",
+    "parameters",
     "row_count",
     "takes_context",
     "where",
     "width_error",
 ]
 
-#: Largest seed a request may give (torch generators take 64-bit seeds).
-MAX_SEED = (1 << 64) - 1
 _BODY = "body"
+P = TypeVar("P", bound=BaseModel)
 
 
 def describe_names(names: Sequence[str]) -> str:
@@ -140,20 +144,33 @@ def context_rows(context: np.ndarray, rows: int, *, broadcast: bool = False) -> 
     return context
 
 
-def check_alpha(alpha: float | None) -> float | None:
-    """``alpha`` (``None``: the model's default) if it lies in (0, 1); else 422."""
-    if alpha is not None and not 0.0 < alpha < 1.0:
-        raise InvalidField(f"alpha must lie in (0, 1), got {alpha}", [field_error((_BODY, "alpha"), "must lie in (0, 1)")])
-    return alpha
+def parameters(model: type[P], fields: Mapping[str, Any], *, strict: bool = True, arrays: Collection[str] = (),
+               place: Callable[[Any], str] = lambda key: _BODY) -> P:
+    """``fields`` validated by ``model`` (one of :mod:`service.serving.parameters`); else 422.
+
+    ``strict``: JSON types only (``False`` for query strings and Python callers); ``arrays``: the
+    operation's array fields, named with the model's own when an unknown field is refused;
+    ``place(key)``: where a field came from (``"body"`` or ``"query"``), the first part of each
+    error's ``loc``. The detail is the first error: ``n: Input should be greater than or equal to 1``.
+    """
+    try:
+        return model.model_validate(fields, strict=strict)
+    except ValidationError as e:
+        allowed = sorted(set(model.model_fields) | set(arrays))
+        errors = []
+        for err in e.errors():
+            key = err["loc"][0] if err["loc"] else None
+            msg = f"unknown field; this operation takes {allowed}" if err["type"] == "extra_forbidden" else err["msg"]
+            errors.append(field_error((place(key), *err["loc"]), msg))
+        first = errors[0]
+        raise InvalidField(f"{'.'.join(map(str, first['loc'][1:]))}: {first['msg']}", errors) from None
+
+
+def check_alpha(alpha: Any, *, strict: bool = False) -> float | None:
+    """``alpha`` (``None``: the model's default) if :class:`ScoreParams` takes it; else 422."""
+    return parameters(ScoreParams, {"alpha": alpha}, strict=strict).alpha
 
 
 def check_sample(n: int, temperature: float, seed: int | None) -> None:
-    """``n >= 1``, ``temperature > 0`` and ``seed`` (unless ``None``) in ``[0, 2**64 - 1]``; else 422."""
-    if n < 1:
-        raise InvalidField(f"n must be >= 1, got {n}", [field_error((_BODY, "n"), "must be >= 1")])
-    if not temperature > 0:
-        raise InvalidField(f"temperature must be > 0, got {temperature}",
-                           [field_error((_BODY, "temperature"), "must be > 0")])
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise InvalidField(f"seed must lie in [0, 2**64 - 1], got {seed}",
-                           [field_error((_BODY, "seed"), "must lie in [0, 2**64 - 1]")])
+    """``n``, ``temperature`` and ``seed`` if :class:`SampleParams` takes them; else 422."""
+    parameters(SampleParams, {"n": n, "temperature": temperature, "seed": seed}, strict=False)

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -48,25 +48,15 @@ VERSION = Path(..., description="An integer version of the model.", examples=["1
 
 # -- shared steps ---------------------------------------------------------------------------------
 def _params(parsed: ParsedBody, model: type[BaseModel], arrays: tuple[str, ...]) -> Any:
-    """Validate the non-array fields strictly (lax for query parameters); unknown fields are 422."""
+    """The non-array fields by :func:`service.serving.validation.parameters`: strict for JSON, lax for
+    query parameters; unknown fields are 422."""
     fields = {k: v for k, v in parsed.fields.items() if k not in arrays}
-    try:
-        return model.model_validate(fields, strict=not parsed.lax)
-    except ValidationError as e:
-        allowed = sorted(set(model.model_fields) | set(arrays))
-        errors = []
-        for err in e.errors():
-            key = err["loc"][0] if err["loc"] else None
-            # with a binary or empty body the scalar fields (and any missing one) belong in the query
-            from_query = key in parsed.query_fields or (parsed.lax and key not in parsed.fields)
-            loc = ("query" if from_query else "body", *err["loc"])
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown field; this operation takes {allowed}"
-            errors.append(field_error(loc, msg))
-        first = errors[0]
-        raise Problem(422, "invalid-field", f"{'.'.join(map(str, first['loc'][1:]))}: {first['msg']}",
-                      errors=errors) from None
+
+    def place(key: Any) -> str:
+        # with a binary or empty body the scalar fields (and any missing one) belong in the query
+        return "query" if key in parsed.query_fields or (parsed.lax and key not in parsed.fields) else "body"
+
+    return validation.parameters(model, fields, strict=not parsed.lax, arrays=arrays, place=place)
 
 
 def _main_rows(parsed: ParsedBody, served: ServedModel, field: str, max_rows: int) -> np.ndarray:

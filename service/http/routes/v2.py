@@ -47,6 +47,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from service.serving import validation
+from service.serving.errors import InvalidField
 from service.serving.registry import ServedModel
 from service.serving.table import INVERSE, LOG_PROB, SCORE, Operation
 from service.http.auth import require_api_key
@@ -291,11 +293,11 @@ def requested_outputs(request: InferRequest, served: ServedModel) -> list[Reques
 def requested_alpha(request: InferRequest) -> float | None:
     """``parameters.alpha`` of ``request``: a number in (0, 1), or ``None`` (the model's default)."""
     alpha = request.parameters.get(ALPHA)
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-        raise bad(f"parameters.{ALPHA} must be a number in (0, 1), got {alpha!r}")
-    return float(alpha)
+    try:
+        # the rule of /v1's alpha (JSON types only), in the protocol's 400: "parameters.alpha: ..."
+        return validation.check_alpha(alpha, strict=True)
+    except InvalidField as e:
+        raise bad(f"parameters.{e.detail}, got {alpha!r}") from None
 
 
 async def compute_outputs(state: ServiceState, served: ServedModel, x: np.ndarray, context: np.ndarray | None,
