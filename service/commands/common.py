@@ -36,6 +36,7 @@ __all__ = [
     "check_rows_arguments",
     "chunks",
     "guarded",
+    "options",
     "open_source",
     "parse_context",
     "progress",
@@ -59,6 +60,20 @@ file formats:
 
 class CommandError(Exception):
     """A refusal to show the user as one line (exit status 2)."""
+
+
+@contextlib.contextmanager
+def options(**flags: str) -> Iterator[None]:
+    """Run the edge's checks (:mod:`service.serving.validation`) on command-line options: a refusal
+    becomes a :class:`CommandError` naming the option (``flags``: field name -> option), e.g.
+    ``--alpha: Input should be less than 1``."""
+    from service.serving.errors import InvalidField
+
+    try:
+        yield
+    except InvalidField as e:
+        field = e.errors[0]["loc"][1] if e.errors else None
+        raise CommandError(f"{flags.get(field, field)}: {e.errors[0]['msg']}" if e.errors else e.detail) from None
 
 
 def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

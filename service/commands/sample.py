@@ -20,11 +20,13 @@ from service.commands.common import (
     Source,
     guarded,
     open_source,
+    options,
     parse_context,
     progress,
     read_context,
     write_columns,
 )
+from service.serving import validation
 
 __all__ = ["add_parser", "chunk_seed", "run"]
 
@@ -76,14 +78,10 @@ def chunk_seed(seed: int | None, k: int) -> int | None:
 
 @guarded
 def run(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise CommandError(f"-n must be >= 1, got {args.n}")
+    with options(n="-n", temperature="--temperature", seed="--seed"):
+        validation.check_sample(args.n, args.temperature, args.seed)
     if args.batch_size < 1:
         raise CommandError("--batch-size must be >= 1")
-    if not args.temperature > 0:
-        raise CommandError(f"--temperature must be > 0, got {args.temperature}")
-    if args.seed is not None and args.seed < 0:
-        raise CommandError(f"--seed must be >= 0, got {args.seed}")
     if args.context is not None and args.context_file is not None:
         raise CommandError("give --context or --context-file, not both")
     if args.output is not None and args.output.suffix.lower() not in (".csv", ".npy", ".npz"):

@@ -15,17 +15,18 @@ import numpy as np
 
 from service.commands.common import (
     EPILOG_FORMATS,
-    CommandError,
     Source,
     add_rows_arguments,
     add_source_arguments,
     check_rows_arguments,
     guarded,
     open_source,
+    options,
     read_inputs,
     rows_in_chunks,
     write_columns,
 )
+from service.serving import validation
 
 __all__ = ["add_parser", "run"]
 
@@ -61,8 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 @guarded
 def run(args: argparse.Namespace) -> int:
     check_rows_arguments(args)
-    if args.alpha is not None and not 0.0 < args.alpha < 1.0:
-        raise CommandError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    with options(alpha="--alpha"):
+        validation.check_alpha(args.alpha)
     with open_source(args) as source:
         return _score(args, source)
 

@@ -65,7 +65,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from service.model.contract import check_rows
+from service.model.contract import ContractError, check_rows
 from service.model.flows import build_flow
 from service.model.inversion import inverse_and_ladj
 
@@ -374,12 +374,13 @@ class DensityModel(nn.Module):
         """Draw ``n`` base latents ``z = temperature · ε``, ``ε ~ N(0, I)``, on the CPU.
 
         The noise comes from a per-call ``torch.Generator`` seeded with ``seed`` (fresh entropy
-        when ``None``), so the same seed gives the same latents whatever else runs.
+        when ``None``), so the same seed gives the same latents whatever else runs. The request's
+        rules (``n >= 1``, ``temperature > 0``, the seed's range) are checked at the edge
+        (:mod:`service.serving.validation`); here ``n >= 0`` and ``temperature > 0`` are the
+        contract, whose violation is a bug (:class:`~service.model.contract.ContractError`).
         """
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        if not temperature > 0:
-            raise ValueError("temperature must be > 0")
+        if n < 0 or not temperature > 0:
+            raise ContractError(f"draw_latents takes n >= 0 and temperature > 0, got n={n}, temperature={temperature}")
         gen = torch.Generator(device="cpu")
         if seed is None:
             gen.seed()
