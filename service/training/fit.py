@@ -20,8 +20,10 @@ training rows :math:`n`. Below :data:`SMALL_DATA_ROWS` (2,000) training rows the
 *small-data regime*: robust on, a small flow unless the architecture is given (one transform
 with 16x16 hidden units when there are fewer than :data:`ROWS_PER_FEATURE` (50) rows per feature,
 three transforms with 32x32 when there are more, as for a curved 2-D set of a few hundred rows),
-and batches of :math:`\mathrm{clip}(n/4, 16, 256)` rows, so that an epoch
-has several Adam steps, and a *robust Gaussian start* (``start="mcd"``, when there are at least
+and batches of :math:`\mathrm{clip}(\lfloor n/16 \rfloor, 16, 256)` rows (:data:`STEPS_PER_EPOCH`), so that an
+epoch has about 16 Adam steps (with :math:`n/4`, a 200-epoch budget was at most 800 steps and the
+patience of 20 epochs 80 steps: on 490 rows of ``moons`` the noisy trimmed validation NLL still
+reached new lows at epochs 80-140), and a *robust Gaussian start* (``start="mcd"``, when there are at least
 :math:`2D` rows and no context): the preprocessing is the minimum-covariance-determinant Gaussian of the training
 rows (:mod:`service.training.robust_start`: ``shift`` its location, ``scale`` its per-feature
 spread, ``linear`` the inverse Cholesky factor of its correlation) and each transform's output
@@ -63,6 +65,7 @@ __all__ = [
     "STARTS",
     "MEDIUM_FLOW",
     "ROWS_PER_FEATURE",
+    "STEPS_PER_EPOCH",
     "SMALL_FLOW",
     "TrainConfig",
     "TrainResult",
@@ -81,6 +84,8 @@ SMALL_DATA_ROWS = 2000
 SMALL_FLOW: dict[str, Any] = {"transforms": 1, "hidden_features": [16, 16]}
 MEDIUM_FLOW: dict[str, Any] = {"transforms": 3, "hidden_features": [32, 32]}
 ROWS_PER_FEATURE = 50
+#: the Adam steps an epoch has in the small-data regime (batches of rows / STEPS_PER_EPOCH, 16..256)
+STEPS_PER_EPOCH = 16
 #: the starts :func:`fit` knows: the robust (MCD) Gaussian with identity flow, or standardisation + zuko's init
 STARTS = ("mcd", "standard")
 
@@ -151,7 +156,7 @@ def resolve(config: TrainConfig, rows: int, features: int, *, conditional: bool 
     small = rows < SMALL_DATA_ROWS
     robust = small if config.robust is None else config.robust
     if config.batch_size is None:
-        batch = min(256, max(16, rows // 4)) if small else 256
+        batch = min(256, max(16, rows // STEPS_PER_EPOCH)) if small else 256
     else:
         batch = config.batch_size
     transforms, hidden = config.transforms, config.hidden_features
