@@ -23,7 +23,7 @@ server starts, so a bad value stops it with a message that names the variable an
 | ``FLOWSERVE_MAX_SAMPLES``      | ``1000000``    | largest ``n`` of one sample request (413 above)               |
 | ``FLOWSERVE_MAX_BODY_BYTES``   | ``268435456``  | largest request body, 256 MiB (413 above)                     |
 | ``FLOWSERVE_DRAIN_DELAY_S``    | ``0``          | on SIGTERM, answer ``/readyz`` 503 this long before closing the listener |
-| ``FLOWSERVE_TIMEOUT_KEEP_ALIVE_S`` | ``5``      | an idle kept-alive connection is closed after this long        |
+| ``FLOWSERVE_TIMEOUT_KEEP_ALIVE_S`` | ``75``     | an idle kept-alive connection is closed after this long        |
 | ``FLOWSERVE_HEADER_TIMEOUT_S`` | ``10``         | a request head not complete this long after the connection opened, or after its first byte: 408 and close |
 | ``FLOWSERVE_BODY_TIMEOUT_S``   | ``60``         | a request body not complete this long after its head: 408 and close |
 | ``FLOWSERVE_MAX_CONNECTIONS``  | from ``ulimit -n`` | connections held open; later ones get 503 + Retry-After (default: the soft ``RLIMIT_NOFILE``, raised towards the hard limit at start, less 320) |
@@ -133,7 +133,12 @@ class Settings(BaseSettings):
     max_samples: int = Field(1_000_000, ge=1, description="Largest n of one sample request.")
     max_body_bytes: int = Field(256 * MiB, ge=1024, description="Largest request body in bytes.")
     drain_delay_s: float = Field(0.0, ge=0.0, le=600.0, description="Readiness-off period before shutdown.")
-    timeout_keep_alive_s: float = Field(5.0, gt=0.0, le=3600.0, description="Idle kept-alive connections close after this.")
+    # Longer than the idle timeouts of the clients and proxies in front (httpx 5 s, HAProxy's 30 s in
+    # deploy/, a cloud load balancer's 60 s): the side that closes an idle connection first must be the
+    # one that would reuse it, else a request written as the server closes is reset (uvicorn's 5 s
+    # equalled httpx's 5 s expiry: 1 in 8 runs of test_api_overload lost a request that way). nginx's
+    # default. Idle connections cost a descriptor each, and the connection cap closes the longest-idle first.
+    timeout_keep_alive_s: float = Field(75.0, gt=0.0, le=3600.0, description="Idle kept-alive connections close after this.")
     header_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="Time allowed to send a request head.")
     body_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Time allowed to send a request body after its head.")
     max_connections: int | None = Field(

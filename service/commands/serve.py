@@ -50,7 +50,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_samples": (int, "largest n per sample request; 413 above (default: 1000000)"),
     "max_body_bytes": (int, "largest request body, bytes; 413 above (default: 268435456)"),
     "drain_delay_s": (float, "on SIGTERM, answer /readyz 503 this long before closing the listener (default: 0)"),
-    "timeout_keep_alive_s": (float, "close idle kept-alive connections after this long, s (default: 5)"),
+    "timeout_keep_alive_s": (float, "close idle kept-alive connections after this long, s (default: 75)"),
     "header_timeout_s": (float, "a request head must be complete this long after the connection or its first byte, s; else 408 (default: 10)"),
     "body_timeout_s": (float, "a request body must be complete this long after its head, s; else 408 (default: 60)"),
     "max_connections": (int, "connections held open; excess ones are answered 503 (default: ulimit -n, raised towards the hard limit at start, less 320)"),
