@@ -32,7 +32,7 @@ Defaults scale with the data. Below 2,000 training rows (small data, where anoma
 is the usual use and unlabelled anomalies are often among the rows) the objective is the
 robust trimmed NLL (the least likely 10% of each batch and of the validation rows are
 dropped, --trim), the flow is small unless --transforms or --hidden is given (1 transform
-with 16,16 hidden units below 50 rows per feature, else 3 transforms with 32,32) and batches are rows/4 (16..256). From 2,000 rows on it is plain
+with 16,16 hidden units below 50 rows per feature, else 3 transforms with 32,32) and batches are rows/16 (16..256). From 2,000 rows on it is plain
 maximum likelihood with the flow's defaults and batches of 256. --robust / --no-robust
 override the objective; the model card records it (training.objective, training.robust).
 With the robust objective and at least 2 rows per feature the fit starts from the robust
@@ -114,7 +114,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=_positive(int), default=200, help="most epochs (default 200)")
     opt.add_argument("--max-minutes", type=_positive(float), default=10.0, help="wall-time budget (default 10)")
-    opt.add_argument("--batch-size", type=_positive(int), help="rows per step (default: rows/4 in 16..256 below 2,000 training rows, else 256)")
+    opt.add_argument("--batch-size", type=_positive(int), help="rows per step (default: rows/16 in 16..256 below 2,000 training rows, else 256)")
     opt.add_argument("--robust", action=argparse.BooleanOptionalAction, default=None,
                      help="trimmed-likelihood objective (default: on below 2,000 training rows, off from there)")
     opt.add_argument("--trim", type=_fraction, default=0.1, help="fraction of least likely rows the robust objective drops (default 0.1)")
