@@ -35,7 +35,7 @@ dropped, --trim), the flow is small unless --transforms or --hidden is given (1 
 with 16,16 hidden units below 50 rows per feature, else 3 transforms with 32,32) and batches are rows/16 (16..256). From 2,000 rows on it is plain
 maximum likelihood with the flow's defaults and batches of 256. --robust / --no-robust
 override the objective; the model card records it (training.objective, training.robust).
-With the robust objective and at least 2 rows per feature the fit starts from the robust
+With the robust objective, at least 2 rows per feature and no context the fit starts from the robust
 (minimum covariance determinant) Gaussian of the training rows with an identity flow
 (--start mcd; --start standard: per-feature standardisation and a random flow); the card
 records it (training.start) and the Gaussian's matrix (preprocessing.linear).
@@ -120,7 +120,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     opt.add_argument("--trim", type=_fraction, default=0.1, help="fraction of least likely rows the robust objective drops (default 0.1)")
     opt.add_argument("--start", choices=["mcd", "standard"], default=None,
                      help="initial model: the robust MCD Gaussian with an identity flow, or standardisation and a "
-                          "random flow (default: mcd with the robust objective and at least 2 rows per feature)")
+                          "random flow (default: mcd with the robust objective and at least 2 rows per feature, unconditional models only)")
     opt.add_argument("--threads", type=_positive(int), default=1, help="torch threads while training (default 1)")
     opt.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate (default 1e-3)")
     opt.add_argument("--patience", type=_positive(int), default=20, help="epochs without validation gain before stopping (default 20)")
