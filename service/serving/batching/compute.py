@@ -80,7 +80,11 @@ def _to_device(parts: list[np.ndarray], device: torch.device, dtype: torch.dtype
 #: OpenMP thread, and while the event loop and the clients keep the other cores busy, every parallel
 #: region waits for a thread that is not running: on 2 cores under load, a one-row moons
 #: ``log_prob`` took 16 ms on 2 threads and 0.4 ms on one (bench/FINDINGS.md). Batches of 8192 rows
-#: (bulk requests, when the event loop is idle) still gain from every core.
+#: (bulk requests, when the event loop is idle) still gain from every core. What counts is the
+#: *request*: every chunk of a request of at least this many rows runs on all threads, however few
+#: rows the time slice gives the chunk. Counting the chunk instead, a 100,000-row moons sample ran
+#: in ~3,300-row slices on one thread (the rate measured on one thread sized the next slices, so it
+#: never grew past 4096 rows): 2.57 s of compute for three samples, against 1.65 s on two threads.
 SINGLE_THREAD_ROWS = 4096
 _THREADS = torch.get_num_threads()
 _threads_now = 0  # what the worker last set (0: nothing yet, so its first batch sets it)
@@ -100,17 +104,20 @@ def _set_intra_op_threads(device: torch.device, rows: int) -> None:
         _threads_now = want
 
 
-def run_pass(model: Any, pass_: Pass, rows: list[np.ndarray], context: list[np.ndarray] | None) -> np.ndarray:
+def run_pass(model: Any, pass_: Pass, rows: list[np.ndarray], context: list[np.ndarray] | None,
+             request_rows: int = 0) -> np.ndarray:
     """Run one pass over the concatenated row blocks; return packed CPU columns ``[z|x, scalars...]``.
 
     For ``ENCODE`` the columns are ``z`` (D), ``log_det``, ``base_log_prob``, ``log_prob``; for
-    ``DECODE`` they are ``x`` (D), ``log_prob``. All in the model's dtype.
+    ``DECODE`` they are ``x`` (D), ``log_prob``. All in the model's dtype. ``request_rows``: the rows
+    of the largest request the blocks belong to, when a block is a chunk of it (the thread count
+    follows the larger of it and the batch's rows, :data:`SINGLE_THREAD_ROWS`).
     """
     device, dtype = torch.device(model.device), model.dtype
     x = _to_device(rows, device, dtype)
     c = None if context is None else _to_device(context, device, dtype)
     b = x.shape[0]
-    _set_intra_op_threads(device, b)
+    _set_intra_op_threads(device, max(b, request_rows))
     with torch.inference_mode():
         if pass_ is Pass.ENCODE:
             packed = model.encode_packed(x, c)
@@ -157,7 +164,8 @@ def compute(model: Any, pass_: Pass, segments: list[Segment]) -> list[Outcome]:
     """Compute a batch; each segment gets its packed rows, or the exception its own rows raised."""
     try:
         context = None if segments[0].context is None else [s.context for s in segments]
-        packed = run_pass(model, pass_, [s.rows for s in segments], context)
+        packed = run_pass(model, pass_, [s.rows for s in segments], context,
+                          request_rows=max(s.job.n for s in segments))
     except Exception as exc:  # noqa: BLE001 - any model error is isolated, never fatal
         if is_out_of_memory(exc):
             _release_cached_memory()
