@@ -12,8 +12,10 @@ log-likelihoods are sorted and only the largest :math:`\lceil(1 - t)B\rceil` are
 .. math:: L_t = -\frac{1}{k}\sum_{i=1}^{k} \log p(x_{(i)}),\quad
           \log p(x_{(1)}) \ge \dots \ge \log p(x_{(B)}),\ k = B - \lfloor tB \rfloor,
 
-so the gradient ignores the least likely fraction :math:`t` (default 0.1) of each batch; the
-validation NLL used for early stopping is trimmed the same way. No labels are needed.
+so the gradient ignores the least likely fraction :math:`t` (default 0.1) of each batch, rounded
+down (:math:`\lfloor tB \rfloor` rows: one of 13, two of 29); the validation NLL used for early
+stopping is trimmed the same way. An epoch is cut into :math:`\lceil n/B \rceil` batches of equal size
+(:func:`epoch_batches`), so that every batch is trimmed alike. No labels are needed.
 
 **Defaults scaled to the data** (:func:`resolve`). Fields left ``None`` are chosen from the number of
 training rows :math:`n`. Below :data:`SMALL_DATA_ROWS` (2,000) training rows the fit is in the
@@ -69,6 +71,7 @@ __all__ = [
     "SMALL_FLOW",
     "TrainConfig",
     "TrainResult",
+    "epoch_batches",
     "fit",
     "objective_name",
     "resolve",
@@ -185,6 +188,18 @@ def trimmed_nll(log_p: torch.Tensor, trim: float) -> torch.Tensor:
     return -torch.topk(log_p, log_p.shape[0] - drop, sorted=False).values.mean()
 
 
+def epoch_batches(perm: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    r"""One epoch's row order ``perm`` cut into :math:`k = \lceil n / B \rceil` batches of equal size (within one row).
+
+    Not :math:`k - 1` batches of :math:`B` and a remainder: the trimmed objective drops
+    :math:`\lfloor tB \rfloor` rows of each batch, so a remainder of a few rows was not trimmed at all
+    (52 training rows in batches of 16 left a batch of 4, :math:`\lfloor 0.4 \rfloor = 0`), and an
+    anomaly that fell into it was fitted with full weight once an epoch, by a step as large as the others.
+    Equal batches are trimmed alike (52 rows: four batches of 13, one row dropped from each).
+    """
+    return torch.tensor_split(perm, -(-perm.numel() // batch_size)) if perm.numel() else ()
+
+
 def zero_output_layers(model: DensityModel) -> None:
     r"""Set the last linear layer of each transform's conditioner to zero: every zuko transform is then the identity.
 
@@ -289,8 +304,7 @@ def _fit(
         model.train()
         perm = torch.randperm(xt.shape[0], generator=gen)
         train_loss, seen = 0.0, 0
-        for i in range(0, xt.shape[0], config.batch_size):
-            idx = perm[i : i + config.batch_size]
+        for idx in epoch_batches(perm, config.batch_size):
             loss = trimmed_nll(model.log_prob(xt[idx], None if ct is None else ct[idx]), trim)
             opt.zero_grad(set_to_none=True)
             loss.backward()
