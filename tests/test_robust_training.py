@@ -15,8 +15,8 @@ from service.cli import main
 from service.model.artifact import MANIFEST_FILE, ArtifactError, load_artifact
 from service.model.density import DensityModel
 from service.model.flows import flow_spec
-from service.training.fit import (MEDIUM_FLOW, SMALL_DATA_ROWS, SMALL_FLOW, TrainConfig, fit, mean_nll, resolve, trimmed_nll,
-                                  zero_output_layers)
+from service.training.fit import (MEDIUM_FLOW, SMALL_DATA_ROWS, SMALL_FLOW, TrainConfig, epoch_batches, fit, mean_nll, resolve,
+                                  trimmed_nll, zero_output_layers)
 from service.training.robust_start import gaussian_start, mcd
 from tests.tolerance import ulp_tolerance
 
@@ -34,6 +34,45 @@ def test_trimmed_nll_averages_the_most_likely_rows_and_ignores_the_rest() -> Non
     # nothing to drop: the plain mean
     assert float(trimmed_nll(log_p.detach()[:4], 0.2)) == pytest.approx(14.0)
     assert float(trimmed_nll(log_p.detach(), 0.0)) == pytest.approx(float(-log_p.detach().mean()))
+
+
+def _anomaly_weights(batches: list[torch.Tensor], log_p: torch.Tensor, trim: float) -> list[float]:
+    """The gradient each batch's trimmed NLL puts on row 0 (the anomaly), batch by batch."""
+    weights = []
+    for idx in batches:
+        rows = log_p.detach().clone().requires_grad_(True)
+        trimmed_nll(rows[idx], trim).backward()
+        assert rows.grad is not None
+        weights.append(float(rows.grad[0]))
+    return weights
+
+
+def test_every_batch_of_an_epoch_is_trimmed_so_an_anomaly_never_gets_full_weight() -> None:
+    """52 rows in batches of 16 used to leave a remainder of 4, floor(0.1 * 4) = 0 rows trimmed: an anomaly
+    drawn into it was fitted with full weight. Equal batches (four of 13) each drop their least likely row."""
+    log_p = torch.full((52,), -1.0)
+    log_p[0] = -100.0  # row 0: far less likely than the others
+    gen = torch.Generator().manual_seed(0)
+    remainder_hits = 0
+    for _ in range(200):  # epochs
+        perm = torch.randperm(52, generator=gen)
+        batches = list(epoch_batches(perm, 16))
+        assert [b.numel() for b in batches] == [13, 13, 13, 13]
+        assert all(w == 0.0 for w in _anomaly_weights(batches, log_p, 0.1))
+        # the old cut: three batches of 16 and the remainder
+        old = [perm[i : i + 16] for i in range(0, 52, 16)]
+        remainder_hits += any(w != 0.0 for w in _anomaly_weights(old, log_p, 0.1))
+    assert 5 < remainder_hits < 30  # ~4/52 of 200 epochs (15) put the anomaly in the untrimmed remainder
+
+
+@pytest.mark.parametrize(("rows", "batch"), [(52, 16), (490, 30), (1999, 124), (256, 256), (20_000, 256), (7, 16), (1, 16)])
+def test_epoch_batches_cover_the_epoch_once_in_equal_batches(rows: int, batch: int) -> None:
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(rows))
+    batches = epoch_batches(perm, batch)
+    sizes = [b.numel() for b in batches]
+    assert len(batches) == -(-rows // batch) and max(sizes) <= batch and max(sizes) - min(sizes) <= 1
+    assert torch.equal(torch.cat(batches), perm)
+    assert epoch_batches(perm[:0], batch) == ()
 
 
 def test_defaults_follow_the_number_of_training_rows() -> None:
@@ -161,6 +200,29 @@ def test_the_mcd_keeps_three_quarters_of_the_rows_and_breaks_down_past_a_quarter
     assert np.abs(mcd(x, seed=0, support=0.5)[0] - x[160:].mean(axis=0)).max() < 0.15  # 240 clean rows
     with pytest.raises(ValueError, match="support"):
         mcd(x, seed=0, support=1.5)
+
+
+@pytest.mark.parametrize("data", ["contaminated", "iris", "wine", "breast_cancer"])
+def test_the_mcd_agrees_with_scikit_learns_min_cov_det(data: str) -> None:
+    r"""The numpy FastMCD against the field's implementation (``sklearn.covariance.MinCovDet``, same support).
+
+    scikit-learn stops after reweighting; :func:`mcd` then makes the reweighted covariance consistent at the
+    Gaussian again (as robustbase's ``covMcd`` does), so sklearn's covariance is compared after that same
+    factor, :math:`\mathrm{med}_i d_i^2 / \chi^2_{d,0.5}`. What is left differs by the search (random
+    subsets, a local optimum each) and the Wilson-Hilferty quantiles: up to ~8 % of an entry, 0.12 in log det.
+    """
+    from scipy.stats import chi2
+    from sklearn import datasets
+    from sklearn.covariance import MinCovDet
+
+    x = _contaminated() if data == "contaminated" else getattr(datasets, f"load_{data}")().data
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    mu, cov = mcd(x, seed=0)
+    ref = MinCovDet(support_fraction=0.75, random_state=0).fit(x)
+    ref_cov = ref.covariance_ * np.median(ref.mahalanobis(x)) / chi2.ppf(0.5, x.shape[1])
+    assert np.abs(mu - ref.location_).max() < 0.05  # standardised units
+    assert np.abs(cov - ref_cov).max() < 0.1 * np.abs(ref_cov).max()
+    assert abs(np.linalg.slogdet(cov)[1] - np.linalg.slogdet(ref_cov)[1]) < 0.25
 
 
 def _gaussian_log_pdf(x: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
