@@ -42,3 +42,19 @@ def test_the_harness_runs_and_tabulates_every_detector(tmp_path: Path, capsys: p
     assert set(result["auroc"]["iris"]) == set(DETECTORS)
     assert all(len(v) == 1 for v in result["auroc"]["iris"].values())
     assert result["shapes"]["iris"] == [105, 4, 5]
+
+
+def test_first_seed_runs_a_later_draw_into_its_own_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--first-seed 3 --seeds 1`` is seed 3 of a ``--seeds 4`` run, every detector alike, and is written beside
+    the main table, not over it."""
+    assert main(["--sets", "iris", "--seeds", "1", "--first-seed", "3", "--out", str(tmp_path)]) == 0
+    assert main(["--sets", "iris", "--seeds", "4", "--out", str(tmp_path)]) == 0
+    assert "over 1 seeds (3..3)" in capsys.readouterr().out
+    (later,) = tmp_path.glob("anomaly-*-seeds-3-3.json")
+    (whole,) = (p for p in tmp_path.glob("anomaly-*.json") if "-seeds-" not in p.name)
+    one, four = json.loads(later.read_text()), json.loads(whole.read_text())
+    assert one["first_seed"] == 3 and four["first_seed"] == 0
+    assert {d: v[0] for d, v in one["auroc"]["iris"].items()} == {d: v[3] for d, v in four["auroc"]["iris"].items()}
+    with pytest.raises(SystemExit) as refused:
+        main(["--sets", "iris", "--first-seed", "-1", "--out", str(tmp_path)])
+    assert refused.value.code == 2 and "--first-seed must be >= 0" in capsys.readouterr().err

@@ -55,9 +55,10 @@ def _fit_split(n: int, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
 
 def run_benchmark(
     sets: list[str], seeds: int, detectors: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]],
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, first_seed: int = 0,
 ) -> dict[str, Any]:
-    """AUROC of every detector on every set and seed, and the seconds each took."""
+    """AUROC of every detector on every set and seed (``first_seed`` .. ``first_seed + seeds - 1``), and the
+    seconds each took."""
     auroc: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, dict[str, float]] = {}
     shapes: dict[str, list[int]] = {}
@@ -66,7 +67,7 @@ def run_benchmark(
         shapes[name] = [int(data.x.shape[0]), int(data.x.shape[1]), int(data.y.sum())]
         auroc[name] = {d: [] for d in detectors}
         seconds[name] = {d: 0.0 for d in detectors}
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             fit, test = _fit_split(data.x.shape[0], data.y, seed)
             mu, sd = data.x[fit].mean(axis=0), data.x[fit].std(axis=0)
             sd = np.where(sd > 0, sd, 1.0)
@@ -77,7 +78,7 @@ def run_benchmark(
                 seconds[name][det] += time.perf_counter() - t0
                 auroc[name][det].append(_auroc(data.y[test], s))
         log(f"{name}: " + ", ".join(f"{d} {np.mean(v):.3f}" for d, v in auroc[name].items()))
-    return {"auroc": auroc, "seconds": seconds, "shapes": shapes, "seeds": seeds}
+    return {"auroc": auroc, "seconds": seconds, "shapes": shapes, "seeds": seeds, "first_seed": first_seed}
 
 
 def _ranks(means: dict[str, float]) -> dict[str, float]:
@@ -160,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.anomaly", description=__doc__.split("\n\n")[0])
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated sets (default: all of {list(SETS)})")
     p.add_argument("--seeds", type=int, default=10, help="seeds per set (default 10)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed (default 0): seeds first..first+seeds-1, e.g. 10 for a draw the defaults were not chosen on")
     p.add_argument("--with-plain", action="store_true",
                    help="also flowserve with plain NLL and the previous default size (flowserve-nll)")
     p.add_argument("--known-density", action="store_true", help="run the known-density KL check instead")
     p.add_argument("--known-rows", type=int, default=30_000, help="rows of the known-density set (default 30,000)")
     p.add_argument("--known-epochs", type=int, help="cap on the known-density fits' epochs (default: the defaults' 200)")
-    p.add_argument("--out", default=str(RESULTS), help="folder for anomaly-<date>.{json,md} (default bench/results)")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="folder for anomaly-<date>[-seeds-<first>-<last>].{json,md} (default bench/results)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     args = p.parse_args(argv)
 
@@ -190,21 +194,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sets {unknown}; choose from {list(SETS)}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.first_seed < 0:
+        p.error("--first-seed must be >= 0")
     detectors = dict(DETECTORS)
     if args.with_plain:
         detectors["flowserve-nll"] = lambda a, b, s: flowserve_scores(a, b, s, robust=False, default_size=True)
     t0 = time.perf_counter()
-    result = {**meta, **run_benchmark(sets, args.seeds, detectors)}
+    result = {**meta, **run_benchmark(sets, args.seeds, detectors, first_seed=args.first_seed)}
     result["total_seconds"] = time.perf_counter() - t0
     md = table(result)
     command = "python -m bench.anomaly " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"AUROC on the 30 % test rows, mean ± sd over {args.seeds} seeds (rank by mean in brackets); "
+    seeds = f"{args.seeds} seeds" + (f" ({args.first_seed}..{args.first_seed + args.seeds - 1})" if args.first_seed else "")
+    header = (f"AUROC on the 30 % test rows, mean ± sd over {seeds} (rank by mean in brackets); "
               f"`{command.strip()}`, {result['total_seconds']:.0f} s, {meta['date']}")
     print(header)
     print(md)
     if not args.no_write:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"anomaly-{stamp}.json").write_text(json.dumps(result, indent=2))
-        (out / f"anomaly-{stamp}.md").write_text(header + "\n\n" + md + "\n")
+        stem = f"anomaly-{stamp}" + (f"-seeds-{args.first_seed}-{args.first_seed + args.seeds - 1}" if args.first_seed else "")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{stem}.md").write_text(header + "\n\n" + md + "\n")
     return 0
