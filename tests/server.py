@@ -9,7 +9,8 @@ trained for a few epochs with :func:`service.training.fit.fit` and saved with
 - ``nocal``: like ``moons`` v1 but without a calibration set (``score`` answers 409).
 
 Servers are ``python -m service serve`` subprocesses on free loopback ports, configured through
-``FLOWSERVE_*`` variables, and waited for on ``/readyz``.
+``FLOWSERVE_*`` variables, and waited for on ``/readyz``; :func:`served_in_process` serves an app by
+uvicorn in a thread of the test process instead, for tests that inject a fault inside serving.
 """
 
 from __future__ import annotations
@@ -193,6 +194,44 @@ def running_servers(configs: Mapping[str, tuple[Path, dict[str, Any]]], tmp_path
     finally:
         for proc in procs.values():
             proc.terminate()
+
+
+@contextmanager
+def served_in_process(app: Any, ready_path: str | None = "/readyz") -> Iterator[str]:
+    """``app`` served by a real uvicorn server on a free loopback port, in a thread of this process; yields its URL.
+
+    For the tests that put a fault inside serving (``monkeypatch``): the server shares the test's
+    modules, and clients still speak real HTTP to it. Waits until the server has started and, with
+    ``ready_path``, until that path answers 200 (the models load after the lifespan starts).
+    """
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None,
+                                           lifespan="on"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                assert thread.is_alive(), "the in-process server stopped"
+                assert time.monotonic() < deadline, f"the in-process server was not ready after {STARTUP_TIMEOUT_S} s"
+                if server.started:
+                    try:
+                        if ready_path is None or client.get(url + ready_path).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def read_http_response(sock: socket.socket, timeout: float = 30.0) -> bytes:

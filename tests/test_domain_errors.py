@@ -18,10 +18,10 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from starlette.testclient import TestClient
 
 import service
 from service.http import problems
@@ -33,6 +33,7 @@ from service.serving.administration import InvalidName, LoadFailed, NotInReposit
 from service.serving.errors import FlowserveError, InvalidField, InvalidInput, NotReady, TooManyRows
 from service.serving.inprocess import LocalModel
 from service.serving.registry import ModelNotFound, ModelNotReady, ModelState, VersionNotFound
+from tests.server import served_in_process
 
 
 class _Settings:
@@ -165,9 +166,8 @@ def test_a_contract_violation_inside_is_a_logged_500_not_a_400(caplog: pytest.Lo
     async def inside() -> Any:  # as the worker refuses rows the edge should have refused
         check_rows(2, 0, (4, 3), None)
 
-    with TestClient(app, raise_server_exceptions=False) as client, \
-            caplog.at_level(logging.ERROR, logger="flowserve.api"):
-        r = client.post("/inside")
+    with served_in_process(app, ready_path=None) as url, caplog.at_level(logging.ERROR, logger="flowserve.api"):
+        r = httpx.post(url + "/inside", timeout=30.0)
     assert r.status_code == 500, r.text
     assert r.json()["type"] == "urn:flowserve:problem:internal-error"
     assert "shape" not in r.text  # the invariant's text stays in the log

@@ -4,20 +4,19 @@ Inputs are validated at the edge (the codecs and parameter models), so no reques
 serving raise a ``ValueError``: to see what the API answers when one is raised anyway (a bug),
 the operation's math is replaced in-process (``monkeypatch``) by one that raises it, and the app
 of :func:`service.http.create_app` (its operation router answers ``/v1``'s operations, FastAPI
-``/v2``) is driven through Starlette's ``TestClient`` with its lifespan (real models, real
-worker). ``/v2`` answers the same bug 500 in its own shape. The table's rows are checked by the
+``/v2``) is served by uvicorn in a thread of the test process (:func:`tests.server.served_in_process`:
+real HTTP, real models, real worker). ``/v2`` answers the same bug 500 in its own shape. The table's rows are checked by the
 class each error is, along its MRO.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
-from starlette.testclient import TestClient
 
 from service.http import create_app
 from service.http.problems import DOMAIN_ANSWERS, domain_problem
@@ -26,18 +25,15 @@ from service.serving.batching import ComputeError, DeadlineExceeded, QueueFull, 
 from service.serving.errors import FlowserveError, NoCalibration
 from service.model.contract import ContractError
 from service.settings import load_settings
+from tests.server import served_in_process
 
 X = [[0.1, 0.2], [1.0, -0.5]]
 
 
 @pytest.fixture(scope="module")
-def app_client(model_repo: Path) -> Iterator[TestClient]:
+def app_client(model_repo: Path) -> Iterator[httpx.Client]:
     app = create_app(load_settings(model_dir=str(model_repo), device="cpu", log_level="warning"))
-    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120.0  # the models load in a thread after the lifespan starts
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").text
-            time.sleep(0.1)
+    with served_in_process(app) as url, httpx.Client(base_url=url, timeout=30.0) as client:
         yield client
 
 
@@ -45,7 +41,7 @@ def _bug(*args: Any, **kwargs: Any) -> Any:
     raise ValueError("a bug inside serving, not the client's input")
 
 
-def test_a_value_error_inside_serving_is_a_logged_500(app_client: TestClient, monkeypatch: pytest.MonkeyPatch,
+def test_a_value_error_inside_serving_is_a_logged_500(app_client: httpx.Client, monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     assert app_client.post("/v1/models/moons/log_prob", json={"inputs": X}).status_code == 200
     monkeypatch.setattr(operations, "log_prob", _bug)
@@ -61,7 +57,7 @@ def test_a_value_error_inside_serving_is_a_logged_500(app_client: TestClient, mo
     assert bad.status_code == 400 and bad.json()["type"].endswith(":invalid-input")
 
 
-def test_a_value_error_inside_serving_is_a_500_on_v2(app_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_value_error_inside_serving_is_a_500_on_v2(app_client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     body = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP64", "data": [0.1, 0.2, 1.0, -0.5]}]}
     assert app_client.post("/v2/models/moons/infer", json=body).status_code == 200
     monkeypatch.setattr(operations, "inverse", _bug)
@@ -69,7 +65,7 @@ def test_a_value_error_inside_serving_is_a_500_on_v2(app_client: TestClient, mon
     assert r.status_code == 500 and r.json() == {"error": "the server failed to answer; this is a bug, please report it"}
 
 
-def test_no_calibration_is_409_on_both_apis(app_client: TestClient) -> None:
+def test_no_calibration_is_409_on_both_apis(app_client: httpx.Client) -> None:
     r = app_client.post("/v1/models/nocal/score", json={"inputs": X})
     assert r.status_code == 409 and r.json()["type"].endswith(":no-calibration")
     body = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP64", "data": [0.1, 0.2, 1.0, -0.5]}],
