@@ -47,6 +47,12 @@ from torch import Tensor, nn
 
 from service.model.density import DensityModel
 
+# The tracer warns on zuko's shape reads ("iterating over a tensor..."); every trace is checked against
+# eager on probe batches of several sizes (_check), so the warning says nothing here. A process-wide
+# filter for that one category: warnings.catch_warnings() around the trace is not thread-safe, and
+# with models loading in several threads it let the warnings through.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+
 __all__ = ["TracedGraph", "TracedPasses", "TraceMismatch", "trace_passes", "try_trace"]
 
 log = logging.getLogger(__name__)
@@ -174,8 +180,7 @@ def trace_passes(model: DensityModel) -> TracedPasses:
     x, c = _example(model, EXAMPLE_ROWS, seed=0)
     inputs = (x, c) if model.context_features else (x,)
     graphs = []
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings on shape reads
+    with torch.inference_mode(False), torch.no_grad():
         for decode in (False, True):
             graphs.append(_trace_pass(_Pass(model, decode).eval(), inputs, "decode" if decode else "encode"))
     runner = TracedPasses(graphs[0], graphs[1], conditional=bool(model.context_features))
