@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     result["total_seconds"] = time.perf_counter() - t0
     md = table(result)
     command = "python -m bench.anomaly " + " ".join(argv if argv is not None else sys.argv[1:])
-    seeds = f"{args.seeds} seeds" + (f" ({args.first_seed}..{args.first_seed + args.seeds - 1})" if args.first_seed else "")
+    last_seed = args.first_seed + args.seeds - 1
+    seeds = f"{args.seeds} seeds" + (f" ({args.first_seed}..{last_seed})" if args.first_seed else "")
     header = (f"AUROC on the 30 % test rows, mean ± sd over {seeds} (rank by mean in brackets); "
               f"`{command.strip()}`, {result['total_seconds']:.0f} s, {meta['date']}")
     print(header)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"anomaly-{stamp}" + (f"-seeds-{args.first_seed}-{args.first_seed + args.seeds - 1}" if args.first_seed else "")
+        stem = f"anomaly-{stamp}" + (f"-seeds-{args.first_seed}-{last_seed}" if args.first_seed else "")
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
         (out / f"{stem}.md").write_text(header + "\n\n" + md + "\n")
     return 0
